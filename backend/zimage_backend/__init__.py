@@ -1,0 +1,1 @@
+"""Z-Image-Turbo model, settings and server launcher for NVIDIA Triton (Python backend)."""

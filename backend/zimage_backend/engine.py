@@ -1,0 +1,181 @@
+"""The generation engine: one optimized ZImagePipeline on one device, run in stages.
+
+The pipeline runs as three timed stages (text encode, denoise, VAE decode) instead of one
+`pipe(...)` call, so every response can say where its time went, and a cancelled batch stops
+between denoising steps instead of after the decode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import optimizations, random_models
+from .request import GenerationRequest
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class GenerationCancelled(RuntimeError):
+    """Every request of the running batch was cancelled; the batch stopped between steps."""
+
+
+@dataclasses.dataclass
+class BatchResult:
+    pixels: list[np.ndarray]  # one HxWx3 uint8 image per request, in request order
+    timings_ms: dict[str, float]
+
+
+def resolve_device(kind: str, device_id: int | str | None) -> torch.device:
+    """Maps Triton's instance kind and device id to the torch device the instance owns."""
+    if kind.upper() == "GPU":
+        return torch.device("cuda", int(device_id or 0))
+    return torch.device("cpu")
+
+
+def load_pipeline(settings: Settings, device: torch.device, dtype: torch.dtype):
+    from diffusers import ZImagePipeline
+
+    model = settings.model
+    if model.load_format == "dummy":
+        return random_models.build_dummy_pipeline(device, dtype, model.seed_for_random_weights)
+    if model.load_format == "tiny":
+        source, revision = str(random_models.ensure_tiny_pipeline(
+            model.demo_dir, model.seed_for_random_weights)), None
+    else:
+        source, revision = model.source, model.revision
+    return ZImagePipeline.from_pretrained(source, revision=revision, dtype=dtype)
+
+
+class Engine:
+    def __init__(self, settings: Settings, device: torch.device):
+        self.settings = settings
+        self.device = device
+        self.dtype = _DTYPES[settings.model.dtype if device.type == "cuda"
+                             else settings.model.cpu_dtype]
+        if device.type == "cuda":
+            # Allocations without an explicit device must land on this instance's GPU, never
+            # on GPU 0 of a multi-GPU host.
+            torch.cuda.set_device(device)
+        self.report = optimizations.Report()
+        started = time.perf_counter()
+        self.pipe = load_pipeline(settings, device, self.dtype)
+        opts = settings.optimizations
+        if optimizations.apply_before_placement(self.pipe, opts, device, self.report):
+            self.pipe.to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        optimizations.apply_after_placement(self.pipe, opts, device, self.report)
+        self.attention_backend = optimizations.select_attention_backend(
+            self.pipe, opts, self.report, self._smoke_test)
+        optimizations.apply_compile(self.pipe, opts, device, self.report)
+        self.load_seconds = time.perf_counter() - started
+        self.warmup_seconds = self._warmup()
+        log.info("engine ready on %s (%s, weights: %s): load %.1f s, warmup %.1f s",
+                 device, settings.model.dtype if device.type == "cuda" else
+                 settings.model.cpu_dtype, settings.model.weights_label,
+                 self.load_seconds, self.warmup_seconds)
+
+    def _grad_mode(self):
+        return torch.inference_mode() if self.settings.optimizations.inference_mode \
+            else torch.no_grad()
+
+    def _request(self, prompt: str, size: int, steps: int) -> GenerationRequest:
+        return GenerationRequest(prompt=prompt, height=size, width=size, num_inference_steps=steps,
+                                 guidance_scale=self.settings.defaults.guidance_scale, seed=0,
+                                 output_format="raw")
+
+    def _smoke_test(self) -> None:
+        """The smallest run that touches attention with a mask (two captions of unequal length)
+        when batching is possible."""
+        size = self.settings.limits.min_size
+        prompts = ["smoke test", "a longer smoke test prompt with more tokens in it"]
+        n = min(2, self.settings.limits.max_images_per_call)
+        self.run([self._request(p, size, 1) for p in prompts[:n]])
+
+    def _warmup(self) -> float:
+        warm = self.settings.optimizations.warmup
+        if not warm.enabled:
+            return 0.0
+        started = time.perf_counter()
+        for height, width in warm.sizes:
+            request = dataclasses.replace(self._request("warmup", 0, warm.num_inference_steps),
+                                          height=height, width=width)
+            result = self.run([request])
+            log.info("warmup %dx%d: %s", height, width, result.timings_ms)
+        return time.perf_counter() - started
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens the text encoder sees for `text`, chat template included."""
+        templated = self.pipe.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
+            enable_thinking=True)
+        return len(self.pipe.tokenizer(templated, add_special_tokens=False).input_ids)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def run(self, requests: Sequence[GenerationRequest],
+            should_stop: Callable[[], bool] | None = None) -> BatchResult:
+        """One pipeline call for requests that share size, steps and guidance.
+
+        Each image's starting noise comes from its own seed on a CPU generator, so an image is
+        the same whether it ran alone or in a batch, and on any device.
+        """
+        first = requests[0]
+        if any(r.group_key != first.group_key for r in requests):
+            raise ValueError("one pipeline call needs one size, step count and guidance")
+        pipe, cfg = self.pipe, first.guidance_scale > 0
+        timings: dict[str, float] = {}
+
+        @contextlib.contextmanager
+        def stage(name: str):
+            started = time.perf_counter()
+            yield
+            self._sync()
+            timings[name] = round((time.perf_counter() - started) * 1000, 3)
+
+        def on_step_end(pipeline, step, timestep, callback_kwargs):
+            if should_stop is not None and should_stop():
+                pipeline._interrupt = True
+            return {}
+
+        with self._grad_mode():
+            with stage("text_encode"):
+                prompt_embeds, negative_embeds = pipe.encode_prompt(
+                    prompt=[r.prompt for r in requests],
+                    negative_prompt=[r.negative_prompt or "" for r in requests] if cfg else None,
+                    do_classifier_free_guidance=cfg, device=self.device,
+                    max_sequence_length=self.settings.limits.max_prompt_tokens)
+            with stage("denoise"):
+                latents = pipe(
+                    prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
+                    height=first.height, width=first.width,
+                    num_inference_steps=first.num_inference_steps,
+                    guidance_scale=first.guidance_scale,
+                    generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests],
+                    output_type="latent", return_dict=False,
+                    callback_on_step_end=on_step_end,
+                )[0]
+            if pipe.interrupt:
+                raise GenerationCancelled("all requests of the batch were cancelled")
+            with stage("vae_decode"):
+                vae = pipe.vae
+                latents = latents.to(vae.dtype) / vae.config.scaling_factor + \
+                    vae.config.shift_factor
+                images = vae.decode(latents, return_dict=False)[0]
+                # The same rounding as diffusers' postprocess, done on the device so only
+                # uint8 pixels cross to the host.
+                pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+                pixels = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        timings["compute"] = round(sum(timings.values()), 3)
+        return BatchResult(pixels=list(pixels), timings_ms=timings)

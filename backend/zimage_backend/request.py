@@ -1,0 +1,191 @@
+"""The request contract: tensors in, validated generation requests out. No Triton imports.
+
+Each batch row of a Triton request is one image. Every check raises `RequestError`, which names
+the field, the value given and what is allowed, so a client can fix its request without reading
+server logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .settings import OUTPUT_FORMATS, Defaults, Limits
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    triton_dtype: str  # as in config.pbtxt, without the TYPE_ prefix
+    dims: tuple[int, ...]
+    optional: bool = False
+
+
+# The tensor contract. model.py registers these with Triton (auto_complete_config), so the
+# config Triton reports, perf_analyzer and this parser all read the same table.
+INPUTS = (
+    TensorSpec("PROMPT", "STRING", (1,)),
+    TensorSpec("NEGATIVE_PROMPT", "STRING", (1,), optional=True),
+    TensorSpec("HEIGHT", "INT32", (1,), optional=True),
+    TensorSpec("WIDTH", "INT32", (1,), optional=True),
+    TensorSpec("NUM_INFERENCE_STEPS", "INT32", (1,), optional=True),
+    TensorSpec("GUIDANCE_SCALE", "FP32", (1,), optional=True),
+    TensorSpec("SEED", "INT64", (1,), optional=True),
+    TensorSpec("OUTPUT_FORMAT", "STRING", (1,), optional=True),
+)
+OUTPUTS = (
+    TensorSpec("IMAGE", "STRING", (1,)),        # encoded png/jpeg/webp bytes
+    TensorSpec("PIXELS", "UINT8", (-1, -1, 3)),  # raw HxWx3, only for OUTPUT_FORMAT raw
+    TensorSpec("SEED", "INT64", (1,)),           # the seed actually used
+    TensorSpec("METADATA", "STRING", (1,)),      # JSON: timings, batch size, weights label
+)
+_NUMPY_KINDS = {"STRING": ("O", "S", "U"), "INT32": ("i",), "INT64": ("i",), "FP32": ("f",)}
+OUTPUT_ALIASES = {"jpg": "jpeg"}
+
+
+class RequestError(ValueError):
+    """A request that breaks the contract; answered with INVALID_ARG and never retried."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    output_format: str
+    negative_prompt: str | None = None
+
+    @property
+    def group_key(self) -> tuple[int, int, int, float]:
+        """Requests with equal keys can share one pipeline call."""
+        return (self.height, self.width, self.num_inference_steps, self.guidance_scale)
+
+    def validate(self, limits: Limits) -> GenerationRequest:
+        if not self.prompt.strip():
+            raise RequestError("PROMPT", "is empty; give a non-empty text")
+        for field, value in (("HEIGHT", self.height), ("WIDTH", self.width)):
+            if value % 16 or not limits.min_size <= value <= limits.max_size:
+                raise RequestError(
+                    field, f"{value} is not allowed; must be a multiple of 16 in "
+                           f"[{limits.min_size}, {limits.max_size}]")
+        if self.height * self.width > limits.max_pixels:
+            raise RequestError(
+                "HEIGHT", f"{self.height}x{self.width} is {self.height * self.width} pixels; "
+                          f"at most {limits.max_pixels} are allowed")
+        if not 1 <= self.num_inference_steps <= limits.max_steps:
+            raise RequestError("NUM_INFERENCE_STEPS", f"{self.num_inference_steps} is outside "
+                                                      f"[1, {limits.max_steps}]")
+        if not math.isfinite(self.guidance_scale) or not (
+                0.0 <= self.guidance_scale <= limits.max_guidance_scale):
+            raise RequestError("GUIDANCE_SCALE", f"{self.guidance_scale} is outside "
+                                                 f"[0.0, {limits.max_guidance_scale}]")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise RequestError("SEED", f"{self.seed} is outside [0, {MAX_SEED}]")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise RequestError("OUTPUT_FORMAT", f"{self.output_format!r} is not one of "
+                                                f"{', '.join(OUTPUT_FORMATS)}")
+        return self
+
+
+def _column(tensors: Mapping[str, Any], spec: TensorSpec) -> np.ndarray | None:
+    """Checks one input's dtype and [batch, 1] shape; returns it flattened to [batch]."""
+    array = tensors.get(spec.name)
+    if array is None:
+        if spec.optional:
+            return None
+        raise RequestError(spec.name, "is required and missing")
+    array = np.asarray(array)
+    if array.dtype.kind not in _NUMPY_KINDS[spec.triton_dtype] or (
+            spec.triton_dtype == "INT32" and array.dtype.itemsize != 4) or (
+            spec.triton_dtype in ("INT64",) and array.dtype.itemsize != 8) or (
+            spec.triton_dtype == "FP32" and array.dtype.itemsize != 4):
+        raise RequestError(spec.name, f"has dtype {array.dtype}; expected {spec.triton_dtype}")
+    if array.ndim != 2 or array.shape[1] != 1 or array.shape[0] < 1:
+        raise RequestError(spec.name, f"has shape {list(array.shape)}; expected [batch, 1]")
+    return array[:, 0]
+
+
+def _text(field: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(field, f"is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def parse_request(
+    tensors: Mapping[str, Any],
+    defaults: Defaults,
+    limits: Limits,
+    count_tokens: Callable[[str], int] | None = None,
+    new_seed: Callable[[], int] = lambda: secrets.randbelow(MAX_SEED + 1),
+) -> list[GenerationRequest]:
+    """Turns one Triton request's input tensors into one validated request per batch row.
+
+    `count_tokens` measures a prompt as the text encoder will see it, so the length limit is the
+    one that actually truncates; without it only the other checks run.
+    """
+    known = {spec.name for spec in INPUTS}
+    extra = sorted(set(tensors) - known)
+    if extra:
+        raise RequestError(extra[0], f"is not an input of this model; inputs are "
+                                     f"{', '.join(sorted(known))}")
+    columns = {spec.name: _column(tensors, spec) for spec in INPUTS}
+    rows = len(columns["PROMPT"])
+    for name, column in columns.items():
+        if column is not None and len(column) != rows:
+            raise RequestError(name, f"has {len(column)} rows; PROMPT has {rows}")
+
+    def value(name: str, row: int, default: Any) -> Any:
+        column = columns[name]
+        return default if column is None else column[row]
+
+    requests = []
+    for row in range(rows):
+        prompt = _text("PROMPT", value("PROMPT", row, b""))
+        negative = value("NEGATIVE_PROMPT", row, None)
+        output_format = _text("OUTPUT_FORMAT",
+                              value("OUTPUT_FORMAT", row, defaults.output_format)).strip().lower()
+        seed = value("SEED", row, None)
+        request = GenerationRequest(
+            prompt=prompt,
+            negative_prompt=None if negative is None else _text("NEGATIVE_PROMPT", negative),
+            height=int(value("HEIGHT", row, defaults.height)),
+            width=int(value("WIDTH", row, defaults.width)),
+            num_inference_steps=int(value("NUM_INFERENCE_STEPS", row,
+                                          defaults.num_inference_steps)),
+            guidance_scale=float(value("GUIDANCE_SCALE", row, defaults.guidance_scale)),
+            seed=new_seed() if seed is None else int(seed),
+            output_format=OUTPUT_ALIASES.get(output_format, output_format),
+        ).validate(limits)
+        if count_tokens is not None:
+            for field, text in (("PROMPT", request.prompt),
+                                ("NEGATIVE_PROMPT", request.negative_prompt)):
+                if text is not None and (n := count_tokens(text)) > limits.max_prompt_tokens:
+                    raise RequestError(field, f"is {n} tokens long; at most "
+                                              f"{limits.max_prompt_tokens} are allowed")
+        requests.append(request)
+    if len({r.output_format for r in requests}) > 1 and any(
+            r.output_format == "raw" for r in requests):
+        raise RequestError("OUTPUT_FORMAT", "raw cannot be mixed with encoded formats in one "
+                                            "request")
+    if any(r.output_format == "raw" for r in requests) and len(
+            {(r.height, r.width) for r in requests}) > 1:
+        raise RequestError("HEIGHT", "rows of one raw request must share one size, since "
+                                     "PIXELS is one [batch, H, W, 3] tensor")
+    return requests

@@ -1,0 +1,167 @@
+"""Answers one Triton `execute()` worth of requests: parse, group, generate, encode, reply.
+
+Triton-free so it can be tested with plain numpy; model.py only converts tensors and errors.
+Every request gets exactly one `Answer`; one request's failure never fails another's, except
+that requests sharing a failed pipeline call share its error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .batching import plan_calls
+from .encoding import encode_image
+from .engine import Engine, GenerationCancelled
+from .metrics import Metrics
+from .request import GenerationRequest, RequestError, parse_request
+
+log = logging.getLogger(__name__)
+
+# Triton's codes, plus RESOURCE_EXHAUSTED, which Triton lacks: model.py sends it as UNAVAILABLE
+# (retry later or smaller) with a message that starts with "RESOURCE_EXHAUSTED".
+INVALID_ARG, CANCELLED, UNAVAILABLE, INTERNAL, RESOURCE_EXHAUSTED = (
+    "INVALID_ARG", "CANCELLED", "UNAVAILABLE", "INTERNAL", "RESOURCE_EXHAUSTED")
+
+
+class ServingError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Incoming(Protocol):
+    tensors: Mapping[str, np.ndarray]
+
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclasses.dataclass
+class Answer:
+    outputs: dict[str, np.ndarray] | None = None
+    error: ServingError | None = None
+
+
+@dataclasses.dataclass
+class _Item:
+    index: int  # which Triton request
+    row: int
+    request: GenerationRequest
+
+
+class Service:
+    def __init__(self, engine: Engine, metrics: Metrics | None = None):
+        self.engine = engine
+        self.settings = engine.settings
+        self.metrics = metrics or Metrics()
+
+    def execute(self, incoming: Sequence[Incoming]) -> list[Answer]:
+        started = time.perf_counter()
+        answers = [Answer() for _ in incoming]
+        rows: dict[int, list[tuple[np.ndarray, dict[str, Any]] | None]] = {}
+        items: list[_Item] = []
+        for index, request in enumerate(incoming):
+            try:
+                parsed = parse_request(request.tensors, self.settings.defaults,
+                                       self.settings.limits, self.engine.count_tokens)
+            except RequestError as exc:
+                answers[index].error = ServingError(INVALID_ARG, str(exc))
+                continue
+            rows[index] = [None] * len(parsed)
+            items += [_Item(index, row, r) for row, r in enumerate(parsed)]
+
+        def fail(indexes: set[int], error: ServingError) -> None:
+            for i in indexes:
+                if answers[i].error is None:
+                    answers[i].error = error
+
+        for call in plan_calls(items, lambda item: item.request.group_key,
+                               self.settings.limits.max_images_per_call):
+            call = [item for item in call if answers[item.index].error is None]
+            for item in call:
+                if incoming[item.index].is_cancelled():
+                    fail({item.index}, ServingError(CANCELLED, "request was cancelled"))
+            call = [item for item in call if answers[item.index].error is None]
+            if call:
+                waited_ms = (time.perf_counter() - started) * 1000
+                self._generate(call, incoming, waited_ms, rows, fail)
+
+        for index, request_rows in rows.items():
+            if answers[index].error is None:
+                answers[index].outputs = _outputs(request_rows)
+        self.metrics.answered([a.error.code if a.error else None for a in answers])
+        return answers
+
+    def _generate(self, call: list[_Item], incoming: Sequence[Incoming], waited_ms: float,
+                  rows: dict, fail: Callable[[set[int], ServingError], None]) -> None:
+        indexes = {item.index for item in call}
+        requests = [item.request for item in call]
+        try:
+            result = self.engine.run(
+                requests, should_stop=lambda: all(incoming[i].is_cancelled() for i in indexes))
+        except GenerationCancelled:
+            fail(indexes, ServingError(CANCELLED, "request was cancelled during generation"))
+            return
+        except torch.OutOfMemoryError:
+            self._release_memory()
+            if len(call) > 1:
+                # The batch may be what did not fit: each half gets its own chance.
+                half = len(call) // 2
+                self._generate(call[:half], incoming, waited_ms, rows, fail)
+                self._generate(call[half:], incoming, waited_ms, rows, fail)
+                return
+            r = requests[0]
+            fail(indexes, ServingError(RESOURCE_EXHAUSTED, (
+                f"RESOURCE_EXHAUSTED: out of device memory generating {r.height}x{r.width} with "
+                f"{r.num_inference_steps} steps; memory was released, retry smaller or later")))
+            return
+        except Exception as exc:  # noqa: BLE001 - one failed call must not fail the others
+            log.exception("generation failed for %d request(s)", len(indexes))
+            fail(indexes, ServingError(INTERNAL, f"generation failed: {type(exc).__name__}"))
+            return
+        self.metrics.batch(len(call), result.timings_ms, waited_ms)
+        label = self.settings.model.weights_label
+        for item, pixels in zip(call, result.pixels):
+            r = item.request
+            timings = {"wait": round(waited_ms, 3), **result.timings_ms}
+            encoded = None
+            if r.output_format != "raw":
+                started = time.perf_counter()
+                encoded = encode_image(pixels, r.output_format, self.settings.encoding,
+                                       {"Software": "zimage-triton", "Weights": label,
+                                        "Seed": str(r.seed)})
+                timings["image_encode"] = round((time.perf_counter() - started) * 1000, 3)
+                self.metrics.stage("image_encode", timings["image_encode"])
+            metadata = {"timings_ms": timings, "batch_size": len(call), "weights": label,
+                        "height": r.height, "width": r.width,
+                        "num_inference_steps": r.num_inference_steps,
+                        "guidance_scale": r.guidance_scale}
+            rows[item.index][item.row] = (encoded if encoded is not None else pixels,
+                                          {"seed": r.seed, "metadata": metadata})
+
+    def _release_memory(self) -> None:
+        if self.engine.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _outputs(request_rows: list) -> dict[str, np.ndarray]:
+    data = [row[0] for row in request_rows]
+    extra = [row[1] for row in request_rows]
+    outputs = {
+        "SEED": np.array([[e["seed"]] for e in extra], dtype=np.int64),
+        "METADATA": np.array([[json.dumps(e["metadata"]).encode()] for e in extra],
+                             dtype=np.object_),
+    }
+    if isinstance(data[0], bytes):
+        outputs["IMAGE"] = np.array([[d] for d in data], dtype=np.object_)
+    else:
+        outputs["PIXELS"] = np.stack(data)
+    return outputs

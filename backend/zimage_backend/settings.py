@@ -1,0 +1,242 @@
+"""Typed view of config.yaml.
+
+The YAML file is the one source of truth; these dataclasses only give it types and checks, so a
+typo in a key fails at startup with the key's path instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_ENV = "ZIMAGE_CONFIG"
+LOAD_FORMATS = ("auto", "dummy", "tiny")
+DTYPES = ("bfloat16", "float16", "float32")
+OUTPUT_FORMATS = ("png", "jpeg", "webp", "raw")
+ATTENTION_BACKENDS = ("_flash_3", "flash", "_native_cudnn", "_native_flash", "native")
+COMPILE_MODULES = ("transformer", "vae_decoder", "text_encoder")
+CPU_OFFLOAD = ("none", "model", "sequential")
+
+
+class SettingsError(ValueError):
+    """config.yaml is malformed or holds a value outside what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    load_format: str
+    source: str
+    revision: str | None
+    dtype: str
+    cpu_dtype: str
+    demo_dir: str
+    seed_for_random_weights: int
+
+    @property
+    def random_weights(self) -> bool:
+        return self.load_format != "auto"
+
+    @property
+    def weights_label(self) -> str:
+        """How served images describe their weights, so random ones are never mistaken for real."""
+        return {
+            "auto": f"pretrained ({self.source})",
+            "dummy": "random (full Z-Image-Turbo shape, dummy load format)",
+            "tiny": "random (tiny demo pipeline)",
+        }[self.load_format]
+
+
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    output_format: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    min_size: int
+    max_size: int
+    max_pixels: int
+    max_steps: int
+    max_guidance_scale: float
+    max_prompt_tokens: int
+    max_images_per_call: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+    png_compress_level: int
+    jpeg_quality: int
+    webp_quality: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchCompile:
+    enabled: bool
+    mode: str
+    modules: tuple[str, ...]
+    fullgraph: bool
+    dynamic: bool | None  # None: torch's automatic dynamic shapes after a first recompile
+
+
+@dataclasses.dataclass(frozen=True)
+class Warmup:
+    enabled: bool
+    sizes: tuple[tuple[int, int], ...]
+    num_inference_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizations:
+    inference_mode: bool
+    cudnn_benchmark: bool
+    tf32: bool
+    channels_last: bool
+    attention_backends: tuple[str, ...]
+    vae_tiling: bool
+    vae_slicing: bool
+    attention_slicing: bool
+    cpu_offload: str
+    torch_compile: TorchCompile
+    warmup: Warmup
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    model: ModelSettings
+    defaults: Defaults
+    limits: Limits
+    encoding: Encoding
+    optimizations: Optimizations
+
+    def validate(self) -> Settings:
+        m, d, lim, o = self.model, self.defaults, self.limits, self.optimizations
+        _one_of("model.load_format", m.load_format, LOAD_FORMATS)
+        _one_of("model.dtype", m.dtype, DTYPES)
+        _one_of("model.cpu_dtype", m.cpu_dtype, DTYPES)
+        _one_of("defaults.output_format", d.output_format, OUTPUT_FORMATS)
+        _one_of("optimizations.cpu_offload", o.cpu_offload, CPU_OFFLOAD)
+        for name in o.attention_backends:
+            _one_of("optimizations.attention_backends[]", name, ATTENTION_BACKENDS)
+        if not o.attention_backends:
+            raise SettingsError("optimizations.attention_backends: give at least one backend")
+        for name in o.torch_compile.modules:
+            _one_of("optimizations.torch_compile.modules[]", name, COMPILE_MODULES)
+        if lim.min_size % 16 or lim.max_size % 16 or not 16 <= lim.min_size <= lim.max_size:
+            raise SettingsError(
+                f"limits.min_size/max_size: {lim.min_size}/{lim.max_size}; both must be multiples "
+                "of 16 with 16 <= min_size <= max_size"
+            )
+        for key, value, low, high in (
+            ("limits.max_steps", lim.max_steps, 1, 1000),
+            ("limits.max_prompt_tokens", lim.max_prompt_tokens, 16, 4096),
+            ("limits.max_images_per_call", lim.max_images_per_call, 1, 256),
+            ("encoding.png_compress_level", self.encoding.png_compress_level, 0, 9),
+            ("encoding.jpeg_quality", self.encoding.jpeg_quality, 1, 100),
+            ("encoding.webp_quality", self.encoding.webp_quality, 1, 100),
+            ("optimizations.warmup.num_inference_steps", o.warmup.num_inference_steps, 1, 1000),
+        ):
+            if not low <= value <= high:
+                raise SettingsError(f"{key}: {value} is outside [{low}, {high}]")
+        # The defaults must pass the same checks as a request, or every bare request would fail.
+        from .request import GenerationRequest, RequestError
+
+        try:
+            GenerationRequest(prompt="defaults", height=d.height, width=d.width,
+                              num_inference_steps=d.num_inference_steps,
+                              guidance_scale=d.guidance_scale, seed=0,
+                              output_format=d.output_format).validate(lim)
+            for height, width in o.warmup.sizes:
+                GenerationRequest(prompt="warmup", height=height, width=width,
+                                  num_inference_steps=o.warmup.num_inference_steps,
+                                  guidance_scale=d.guidance_scale, seed=0,
+                                  output_format="raw").validate(lim)
+        except RequestError as exc:
+            raise SettingsError(f"defaults or warmup break the limits: {exc}") from None
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SettingsError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Builds dataclass `cls` from YAML data, rejecting unknown keys and wrong types by path."""
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    missing = sorted(names - set(data))
+    if missing:
+        raise SettingsError(f"{path or 'config'}: missing key(s) {', '.join(missing)}")
+    if unknown:
+        raise SettingsError(f"{path or 'config'}: unknown key(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value, f"{path}.{key}" if path else key)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        return _coerce(hint, value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise SettingsError(f"{path}: expected a list, got {value!r}")
+        inner = args[0]
+        return tuple(_coerce(inner, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise SettingsError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SettingsError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SettingsError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise SettingsError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise SettingsError(f"{path}: unsupported setting type {hint}")  # a bug in this module
+
+
+def parse_settings(data: dict[str, Any] | None) -> Settings:
+    return _build(Settings, data or {}, "").validate()
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Reads config.yaml from `path`, else from $ZIMAGE_CONFIG."""
+    path = path or os.environ.get(CONFIG_ENV)
+    if not path:
+        raise SettingsError(f"no config file given and ${CONFIG_ENV} is not set")
+    text = Path(path).expanduser().read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path}: not valid YAML: {exc}") from None
+    return parse_settings(data)

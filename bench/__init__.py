@@ -1,0 +1,1 @@
+"""Benchmarks: run on a GPU machine, compare in one run on one card, write results/."""

@@ -1,0 +1,106 @@
+"""Helpers shared by the benchmark scripts: statistics, card identity, result files."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a photo of a red fox in fresh snow, golden hour, 85mm, highly detailed"
+
+
+def summarize(seconds: list[float]) -> dict[str, float]:
+    ordered = sorted(seconds)
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+    return {"median_s": round(statistics.median(ordered), 4), "p90_s": round(p90, 4),
+            "min_s": round(ordered[0], 4), "n": len(ordered)}
+
+
+def card() -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"name": "cpu", "count": 0}
+    props = torch.cuda.get_device_properties(0)
+    return {"name": props.name, "count": torch.cuda.device_count(),
+            "memory_gib": round(props.total_memory / 2**30, 1), "torch": torch.__version__}
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def stamp() -> dict[str, Any]:
+    return {"card": card(), "commit": commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def config_with(overrides: dict[str, Any], base: Path = ROOT / "config.yaml") -> Path:
+    """A copy of the shipped config.yaml with dotted-key overrides, e.g. the one line
+    `model.load_format: dummy`. Everything else stays as shipped."""
+    data = yaml.safe_load(base.read_text())
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        if leaf not in node:
+            raise KeyError(f"{dotted} is not a key of {base}")
+        node[leaf] = value
+    handle = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="zimage-bench-",
+                                         delete=False)
+    with handle:
+        yaml.safe_dump(data, handle)
+    return Path(handle.name)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` pairs; values are YAML (true, 3, [a, b], null)."""
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+@dataclasses.dataclass
+class Timer:
+    """Wall-clock seconds around GPU work: synchronizes before reading the clock."""
+
+    seconds: float = 0.0
+
+    def __enter__(self):
+        import time
+
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import time
+
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self._start

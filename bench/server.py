@@ -1,0 +1,129 @@
+"""Our real Triton server, timed from outside: cold start, end-to-end latency over gRPC with
+PNG returned (per stage), perf_analyzer throughput, and a warm restart.
+
+  python -m bench.server --out results/raw/server.json [--weights PATH] [--gpus 0,1]
+
+Without --weights the server runs the shipped config.yaml with the one line
+`model.load_format: dummy` changed (random weights, full Z-Image-Turbo shape).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import PROMPT, ROOT, config_with, parse_overrides, stamp, summarize, write_json
+from zimage_backend.launcher import TritonServer
+from zimage_client import ZImageClient
+
+
+def start(config: Path, log_file: Path, env: dict[str, str]) -> tuple[TritonServer, float]:
+    server = TritonServer(ROOT / "model_repository", config_path=config, http_port=0,
+                          grpc_port=0, metrics_port=0, log_file=log_file, extra_env=env,
+                          ready_timeout_s=1200)
+    started = time.perf_counter()
+    server.start()
+    server.wait_until_ready(1200)
+    return server, time.perf_counter() - started
+
+
+def latency(server: TritonServer, size: int, steps: int, repeats: int) -> dict:
+    with ZImageClient(server.grpc_url, protocol="grpc", inference_timeout_s=600) as client:
+        def once(seed: int):
+            t = time.perf_counter()
+            result = client.generate(PROMPT, height=size, width=size, seed=seed,
+                                     num_inference_steps=steps)
+            return time.perf_counter() - t, result
+
+        first_s, _ = once(0)
+        runs = [once(seed) for seed in range(1, repeats + 1)]
+    totals = [s for s, _ in runs]
+    stages = {}
+    for key in ("text_encode", "denoise", "vae_decode", "image_encode"):
+        stages[key] = round(statistics.median(r.timings_ms.get(key, 0.0) for _, r in runs), 2)
+    server_ms = [r.timings_ms.get("compute", 0) + r.timings_ms.get("image_encode", 0)
+                 for _, r in runs]
+    overhead = [s * 1000 - m for s, m in zip(totals, server_ms)]
+    stages["triton_and_transport"] = round(statistics.median(overhead), 2)
+    return {"first_s": round(first_s, 3), **summarize(totals), "stage_ms": stages,
+            "weights": runs[0][1].metadata.get("weights")}
+
+
+def perf_analyzer(server: TritonServer, size: int, concurrencies: list[int], window_ms: int,
+                  out_dir: Path) -> list[dict]:
+    data = json.loads((ROOT / "perf" / "inputs.json").read_text())
+    for row in data["data"]:
+        row.update(HEIGHT=[size], WIDTH=[size])
+    inputs = out_dir / f"inputs_{size}.json"
+    inputs.write_text(json.dumps(data))
+    rows = []
+    for c in concurrencies:
+        run = subprocess.run(
+            [str(ROOT / "perf" / "perf_analyzer.sh"), str(inputs), "-i", "grpc", "-u",
+             server.grpc_url, "--concurrency-range", f"{c}:{c}", "--measurement-interval",
+             str(window_ms), "--max-trials", "3"], capture_output=True, text=True, timeout=900)
+        text = run.stdout + run.stderr
+        (out_dir / f"perf_c{c}.log").write_text(text)
+        throughput = re.findall(r"Throughput: ([\d.]+) infer/sec", text)
+        latency_us = re.findall(r"Avg latency: (\d+) usec", text)
+        rows.append({"concurrency": c, "ok": run.returncode == 0,
+                     "images_per_min": round(float(throughput[-1]) * 60, 2) if throughput
+                     else None,
+                     "avg_latency_s": round(int(latency_us[-1]) / 1e6, 3) if latency_us
+                     else None})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--weights", default=None, help="a local Z-Image-Turbo folder")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--gpus", default=None, help="CUDA_VISIBLE_DEVICES for the server")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--concurrency", default="1,2,4")
+    parser.add_argument("--window-ms", type=int, default=15000)
+    parser.add_argument("--no-restart", action="store_true")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    overrides = ({"model.load_format": "auto", "model.source": args.weights} if args.weights
+                 else {"model.load_format": "dummy"})
+    overrides.update(parse_overrides(args.set))
+    config = config_with(overrides)
+    work = Path(tempfile.mkdtemp(prefix="zimage-bench-"))
+    # A fresh compile cache makes the first start cold; the restart reuses it.
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache")}
+    if args.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = args.gpus
+    result = {"system": "zimage on Triton (gRPC, PNG)", "overrides": overrides,
+              "size": args.size, "steps": args.steps, "gpus": args.gpus, **stamp()}
+    server, result["cold_start_s"] = start(config, work / "server_cold.log", env)
+    try:
+        print("cold start", result["cold_start_s"], flush=True)
+        result["latency"] = latency(server, args.size, args.steps, args.repeats)
+        print(result["latency"], flush=True)
+        concurrencies = [int(c) for c in args.concurrency.split(",") if c]
+        result["perf_analyzer"] = perf_analyzer(server, args.size, concurrencies,
+                                                args.window_ms, work)
+    finally:
+        server.stop()
+    if not args.no_restart:
+        server, result["warm_restart_s"] = start(config, work / "server_warm.log", env)
+        server.stop()
+        print("warm restart", result["warm_restart_s"], flush=True)
+    result["logs"] = str(work)
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Request tensors and response parsing for the ``zimage`` model, shared by sync and asyncio clients.
+
+Everything here is protocol-agnostic: requests are plain numpy arrays until
+``to_infer_inputs`` wraps them with whichever tritonclient module is in use, and
+responses are read through ``as_numpy(name)`` only, which both gRPC and HTTP
+``InferResult`` objects provide.  That is also what makes this testable without
+a server.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import numbers
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from .errors import ZImageResponseError
+from .generated_image import GeneratedImage
+
+__all__ = [
+    "GenerateRequest",
+    "OUTPUT_FORMATS",
+    "normalize_output_format",
+    "to_infer_inputs",
+    "to_requested_outputs",
+    "parse_result",
+]
+
+_LOGGER = logging.getLogger(__name__)
+
+OUTPUT_FORMATS = ("png", "jpeg", "webp", "raw")
+_FORMAT_ALIASES = {"jpg": "jpeg"}
+_PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+
+_INT32 = np.iinfo(np.int32)
+_INT64 = np.iinfo(np.int64)
+
+
+def normalize_output_format(output_format: Optional[str]) -> Optional[str]:
+    """Lower-case and de-alias a format name.
+
+    Unknown names are passed through rather than rejected: the server owns the
+    list of formats, and its INVALID_ARG error names the allowed values.
+    """
+    if output_format is None:
+        return None
+    if not isinstance(output_format, str):
+        raise TypeError(f"output_format must be a str, got {type(output_format).__name__}")
+    name = output_format.strip().lower()
+    return _FORMAT_ALIASES.get(name, name)
+
+
+def _check_int(name: str, value: Any, bounds: np.iinfo) -> Optional[int]:
+    if value is None:
+        return None
+    # bool is an int subclass; True as a height is almost certainly a bug.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if not bounds.min <= value <= bounds.max:
+        raise ValueError(f"{name}={value} does not fit the server's {bounds.dtype} input")
+    return value
+
+
+def _check_float(name: str, value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_text(name: str, value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One image request, validated for type and tensor range only.
+
+    Value limits (multiples of 16, step counts, ...) are the server's to enforce so
+    that there is one source of truth; the client only refuses what it cannot put
+    into the tensors at all.  ``None`` fields are left out of the request so the
+    server's defaults apply.
+    """
+
+    prompt: str
+    negative_prompt: Optional[str] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    num_inference_steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
+    seed: Optional[int] = None
+    output_format: Optional[str] = "png"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(self.prompt).__name__}")
+        set_ = object.__setattr__
+        set_(self, "negative_prompt", _check_text("negative_prompt", self.negative_prompt))
+        set_(self, "height", _check_int("height", self.height, _INT32))
+        set_(self, "width", _check_int("width", self.width, _INT32))
+        set_(self, "num_inference_steps", _check_int("num_inference_steps", self.num_inference_steps, _INT32))
+        set_(self, "guidance_scale", _check_float("guidance_scale", self.guidance_scale))
+        set_(self, "seed", _check_int("seed", self.seed, _INT64))
+        set_(self, "output_format", normalize_output_format(self.output_format))
+
+    @property
+    def is_raw(self) -> bool:
+        return self.output_format == "raw"
+
+    def input_arrays(self) -> Dict[str, np.ndarray]:
+        """Input tensors by name, each shaped ``[1, 1]`` (one batch row)."""
+        arrays: Dict[str, np.ndarray] = {"PROMPT": _bytes_tensor(self.prompt)}
+        if self.negative_prompt is not None:
+            arrays["NEGATIVE_PROMPT"] = _bytes_tensor(self.negative_prompt)
+        for name, value in (
+            ("HEIGHT", self.height),
+            ("WIDTH", self.width),
+            ("NUM_INFERENCE_STEPS", self.num_inference_steps),
+        ):
+            if value is not None:
+                arrays[name] = np.array([[value]], dtype=np.int32)
+        if self.guidance_scale is not None:
+            arrays["GUIDANCE_SCALE"] = np.array([[self.guidance_scale]], dtype=np.float32)
+        if self.seed is not None:
+            arrays["SEED"] = np.array([[self.seed]], dtype=np.int64)
+        if self.output_format is not None:
+            arrays["OUTPUT_FORMAT"] = _bytes_tensor(self.output_format)
+        return arrays
+
+    def output_names(self) -> Tuple[str, ...]:
+        """Outputs to ask for; asking for PIXELS with an encoded format would cost a second copy."""
+        if self.is_raw:
+            return ("PIXELS", "SEED", "METADATA")
+        return ("IMAGE", "SEED", "METADATA")
+
+
+def _bytes_tensor(text: str) -> np.ndarray:
+    return np.array([[text.encode("utf-8")]], dtype=np.object_)
+
+
+def to_infer_inputs(arrays: Dict[str, np.ndarray], module: Any) -> list:
+    """Wrap numpy arrays as ``module.InferInput`` (``module`` is tritonclient.grpc or .http, sync or aio)."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, array in arrays.items():
+        infer_input = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        infer_input.set_data_from_numpy(array)
+        inputs.append(infer_input)
+    return inputs
+
+
+def to_requested_outputs(names: Sequence[str], module: Any) -> list:
+    return [module.InferRequestedOutput(name) for name in names]
+
+
+def _first(array: np.ndarray, name: str) -> Any:
+    if array.size == 0:
+        raise ZImageResponseError(f"server returned an empty {name} tensor")
+    return array.reshape(-1)[0]
+
+
+def _parse_metadata(array: Optional[np.ndarray]) -> Dict[str, Any]:
+    # Metadata is informational: a missing or malformed one must not throw away
+    # an image that was generated successfully.
+    if array is None or array.size == 0:
+        return {}
+    raw = array.reshape(-1)[0]
+    if isinstance(raw, (bytes, bytearray, np.bytes_)):
+        raw = bytes(raw).decode("utf-8", errors="replace")
+    try:
+        value = json.loads(raw)
+    except (TypeError, ValueError) as exc:
+        _LOGGER.warning("ignoring unparseable METADATA from server: %s", exc)
+        return {}
+    if not isinstance(value, dict):
+        _LOGGER.warning("ignoring METADATA that is not a JSON object: %r", type(value).__name__)
+        return {}
+    return value
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
+
+
+def parse_result(result: Any, request: GenerateRequest) -> GeneratedImage:
+    """Build a ``GeneratedImage`` from a tritonclient ``InferResult`` (anything with ``as_numpy``).
+
+    Only batch row 0 is read: the client sends one prompt per request and lets
+    Triton's dynamic batcher do the batching server-side.
+    """
+    metadata = _parse_metadata(result.as_numpy("METADATA"))
+    timings = metadata.get("timings_ms")
+    timings = dict(timings) if isinstance(timings, dict) else {}
+
+    seed_array = result.as_numpy("SEED")
+    if seed_array is None:
+        raise ZImageResponseError("server response has no SEED output")
+    seed = int(_first(seed_array, "SEED"))
+
+    if request.is_raw:
+        pixels = result.as_numpy("PIXELS")
+        if pixels is None:
+            raise ZImageResponseError("server response has no PIXELS output for output_format='raw'")
+        if pixels.ndim != 4 or pixels.shape[0] < 1 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
+            raise ZImageResponseError(
+                f"PIXELS must be uint8 [batch, H, W, 3], got {pixels.dtype} {tuple(pixels.shape)}"
+            )
+        pixels = _readonly(np.ascontiguousarray(pixels[0]))
+        # An (H, W, 3) uint8 array is RGB to Pillow; no mode argument needed.
+        image = Image.fromarray(pixels)
+        return GeneratedImage(
+            image=image,
+            data=None,
+            pixels=pixels,
+            seed=seed,
+            format="raw",
+            timings_ms=timings,
+            metadata=metadata,
+        )
+
+    image_array = result.as_numpy("IMAGE")
+    if image_array is None:
+        raise ZImageResponseError("server response has no IMAGE output")
+    data = _first(image_array, "IMAGE")
+    if not isinstance(data, (bytes, bytearray, np.bytes_)):
+        raise ZImageResponseError(f"IMAGE must hold encoded bytes, got {type(data).__name__}")
+    data = bytes(data)
+    try:
+        image = Image.open(io.BytesIO(data))
+        # Decode now so a corrupt payload fails here, inside the request, not later.
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ZImageResponseError(f"IMAGE bytes ({len(data)} B) could not be decoded: {exc}") from exc
+    detected = _PIL_FORMATS.get(image.format or "")
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return GeneratedImage(
+        image=image,
+        data=data,
+        pixels=_readonly(np.array(rgb, dtype=np.uint8)),
+        seed=seed,
+        format=detected or request.output_format or "png",
+        timings_ms=timings,
+        metadata=metadata,
+    )
+

@@ -1,0 +1,95 @@
+"""Triton Python-backend glue for Z-Image. The logic lives in the zimage_backend package."""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from zimage_backend.engine import Engine, resolve_device
+from zimage_backend.metrics import Metrics
+from zimage_backend.request import INPUTS, OUTPUTS
+from zimage_backend.service import Service
+from zimage_backend.settings import CONFIG_ENV, load_settings
+
+log = logging.getLogger("zimage_backend.model")
+
+
+def _triton_error(code: str, message: str):
+    # pb_utils.TritonError exists only once the stub runs a model, not during auto-complete.
+    # Triton has no RESOURCE_EXHAUSTED; the message keeps the word for clients to match.
+    codes = pb_utils.TritonError
+    triton_code = {"INVALID_ARG": codes.INVALID_ARG, "CANCELLED": codes.CANCELLED,
+                   "UNAVAILABLE": codes.UNAVAILABLE, "RESOURCE_EXHAUSTED": codes.UNAVAILABLE,
+                   }.get(code, codes.INTERNAL)
+    return pb_utils.TritonError(message, triton_code)
+
+
+class _Incoming:
+    """The view of a Triton request that zimage_backend.service works with."""
+
+    def __init__(self, request):
+        self._request = request
+        self.tensors = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
+
+    def is_cancelled(self) -> bool:
+        return self._request.is_cancelled()
+
+
+def _config_path(args: dict) -> Path:
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    parameters = json.loads(args["model_config"]).get("parameters", {})
+    relative = parameters.get("config_file", {}).get("string_value", "../../config.yaml")
+    return Path(args["model_repository"]) / relative
+
+
+class TritonPythonModel:
+    @staticmethod
+    def auto_complete_config(config):
+        for spec in INPUTS:
+            config.add_input({"name": spec.name, "data_type": f"TYPE_{spec.triton_dtype}",
+                              "dims": list(spec.dims), "optional": spec.optional})
+        for spec in OUTPUTS:
+            config.add_output({"name": spec.name, "data_type": f"TYPE_{spec.triton_dtype}",
+                               "dims": list(spec.dims)})
+        config.set_dynamic_batching()
+        return config
+
+    def initialize(self, args):
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s zimage %(levelname)s %(name)s: %(message)s")
+        path = _config_path(args)
+        settings = load_settings(path)
+        device = resolve_device(args["model_instance_kind"], args["model_instance_device_id"])
+        log.info("instance %s on %s, settings from %s", args["model_instance_name"], device, path)
+        self.engine = Engine(settings, device)
+        labels = {"model": args["model_name"], "version": args["model_version"],
+                  "device": str(device)}
+        self.service = Service(self.engine, Metrics(pb_utils.MetricFamily, labels))
+
+    def execute(self, requests):
+        try:
+            answers = self.service.execute([_Incoming(r) for r in requests])
+        except Exception as exc:  # noqa: BLE001 - every request still gets exactly one answer
+            log.exception("execute failed for %d request(s)", len(requests))
+            error = _triton_error("INTERNAL", f"internal error: {type(exc).__name__}")
+            return [pb_utils.InferenceResponse(error=error) for _ in requests]
+        responses = []
+        for request, answer in zip(requests, answers):
+            if answer.error is not None:
+                error = _triton_error(answer.error.code, answer.error.message)
+                responses.append(pb_utils.InferenceResponse(error=error))
+                continue
+            wanted = set(request.requested_output_names())
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor(name, array) for name, array in answer.outputs.items()
+                if not wanted or name in wanted]))
+        return responses
+
+    def finalize(self):
+        # Triton calls this only after the last execute() has returned, so no work is in flight;
+        # dropping the pipeline gives its device memory back before the stub exits.
+        log.info("finalizing %s", self.engine.device)
+        del self.service, self.engine

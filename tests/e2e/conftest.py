@@ -1,0 +1,34 @@
+"""One real tritonserver for the end-to-end tests: our model repository, the shipped
+config.yaml (tiny random pipeline on a CPU instance), free ports on loopback."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import CONFIG, ROOT
+from zimage_backend.launcher import TritonServer
+from zimage_client import ZImageClient
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    log_file = tmp_path_factory.mktemp("triton") / "server.log"
+    triton = TritonServer(ROOT / "model_repository", config_path=CONFIG, http_port=0,
+                          grpc_port=0, metrics_port=0, log_file=log_file)
+    with triton:
+        yield triton
+    assert triton.returncode == 0, triton.log_tail()
+
+
+@pytest.fixture(scope="session", params=["grpc", "http"])
+def protocol(request):
+    return request.param
+
+
+@pytest.fixture()
+def client(server, protocol):
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    with ZImageClient(url, protocol=protocol, inference_timeout_s=120) as c:
+        yield c

@@ -1,0 +1,420 @@
+"""Tests for zimage_backend.launcher; the slow ones start the real tritonserver from the pytriton wheel.
+
+Run with: PYTHONPATH=backend pytest tests/unit/test_launcher.py
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from zimage_backend import launcher
+from zimage_backend.launcher import TritonServer, TritonServerError
+
+BACKEND_ROOT = Path(__file__).resolve().parents[2] / "backend"
+DIST = launcher.pytriton_dist_dir()
+needs_wheel = pytest.mark.skipif(DIST is None, reason="needs the nvidia-pytriton wheel's tritonserver")
+
+ECHO_CONFIG = """\
+name: "echo"
+backend: "python"
+max_batch_size: 0
+input [ { name: "INPUT0" data_type: TYPE_INT32 dims: [ -1 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ -1 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
+
+ECHO_MODEL = '''\
+import os
+import sys
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        if os.environ.get("ECHO_FAIL"):
+            raise RuntimeError("echo model refused to start")
+        probe = os.environ.get("ECHO_PROBE_FILE")
+        if probe:
+            import ssl  # noqa: F401  fails when the stub picked up the wrong libpython
+            with open(probe, "w") as f:
+                f.write(sys.prefix + "\\n" + os.environ.get("ZIMAGE_CONFIG", "") + "\\n")
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            data = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", data)]))
+        return responses
+'''
+
+
+@pytest.fixture(autouse=True)
+def _no_tritonserver_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITONSERVER", raising=False)
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # One backend cache for the session: the launcher must not write to ~/.cache in tests.
+    return tmp_path_factory.mktemp("triton-cache")
+
+
+@pytest.fixture
+def echo_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "model_repository"
+    (repo / "echo" / "1").mkdir(parents=True)
+    (repo / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
+    (repo / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
+    return repo
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text("model: {}\n")
+    return path
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As tritonserver does: connections in TIME_WAIT must not count as "in use".
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+# --- locating the binary and preparing the backend -------------------------------------------
+
+
+@needs_wheel
+def test_finds_the_wheels_tritonserver() -> None:
+    assert DIST is not None
+    found = launcher.find_tritonserver()
+    assert found == (DIST / "bin" / "tritonserver").resolve()
+    assert os.access(found, os.X_OK)
+    assert launcher.wheel_dist_of(found) == DIST.resolve()
+
+
+def test_explicit_path_beats_env_and_env_beats_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    explicit, from_env = tmp_path / "explicit", tmp_path / "from_env"
+    explicit.write_text("")
+    from_env.write_text("")
+    monkeypatch.setenv("TRITONSERVER", str(from_env))
+    assert launcher.find_tritonserver(explicit) == explicit.resolve()
+    assert launcher.find_tritonserver() == from_env.resolve()
+    assert launcher.wheel_dist_of(from_env) is None
+
+
+def test_missing_explicit_binary_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(TritonServerError, match="tritonserver binary not found"):
+        launcher.find_tritonserver(tmp_path / "nope")
+
+
+@needs_wheel
+def test_backend_dir_has_backend_and_this_pythons_stub(tmp_path: Path) -> None:
+    assert DIST is not None
+    backends = launcher.prepare_backend_dir(DIST, tmp_path)
+    python_dir = backends / "python"
+    assert (python_dir / "libtriton_python.so").is_file()
+    assert (python_dir / "triton_python_backend_utils.py").is_file()
+    stub = python_dir / "triton_python_backend_stub"
+    expected = DIST / "python_backend_stubs" / f"{sys.version_info[0]}.{sys.version_info[1]}" / stub.name
+    assert stub.read_bytes() == expected.read_bytes()
+    assert os.access(stub, os.X_OK)
+
+    before = {p.name: p.stat().st_ino for p in python_dir.iterdir()}
+    assert launcher.prepare_backend_dir(DIST, tmp_path) == backends
+    assert {p.name: p.stat().st_ino for p in python_dir.iterdir()} == before, "second run must not copy again"
+
+    stub.write_bytes(b"truncated")
+    launcher.prepare_backend_dir(DIST, tmp_path)
+    assert stub.read_bytes() == expected.read_bytes(), "a damaged copy must be replaced"
+
+
+# --- environment and command line ----------------------------------------------------------
+
+
+@needs_wheel
+def test_env_puts_interpreter_libdir_before_wheel_libs(tmp_path: Path, config_file: Path) -> None:
+    assert DIST is not None
+    server = TritonServer(
+        tmp_path, config_path=config_file, http_port=0, extra_env={"FOO": "bar"}
+    )
+    env = server.build_env({"LD_LIBRARY_PATH": "/opt/user/lib", "PATH": "/usr/bin"})
+    parts = env["LD_LIBRARY_PATH"].split(os.pathsep)
+    libdir = sysconfig.get_config_var("LIBDIR")
+    wheel_libs = str(DIST.resolve().parent.parent / "nvidia_pytriton.libs")
+    assert Path(wheel_libs).is_dir()
+    assert parts.index(libdir) < parts.index(wheel_libs) < parts.index("/opt/user/lib")
+    assert env["ZIMAGE_CONFIG"] == str(config_file.resolve())
+    assert env["FOO"] == "bar"
+    if sys.prefix != sys.base_prefix:
+        assert env["VIRTUAL_ENV"] == sys.prefix
+        assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.prefix) / "bin")
+
+
+def test_system_server_env_leaves_ld_library_path_alone(tmp_path: Path) -> None:
+    fake = tmp_path / "tritonserver"
+    fake.write_text("")
+    server = TritonServer(tmp_path, tritonserver=fake)
+    env = server.build_env({"LD_LIBRARY_PATH": "/opt/tritonserver/lib", "PATH": "/usr/bin"})
+    assert env["LD_LIBRARY_PATH"] == "/opt/tritonserver/lib"
+    assert "ZIMAGE_CONFIG" not in env
+    assert server.backend_directory() is None
+    assert not any(a.startswith(("--backend-directory", "--cache-directory")) for a in server.build_command())
+
+
+def test_command_has_ports_addresses_and_extra_args_but_no_model_control(tmp_path: Path) -> None:
+    fake = tmp_path / "tritonserver"
+    fake.write_text("")
+    server = TritonServer(
+        tmp_path,
+        tritonserver=fake,
+        http_port=18000,
+        grpc_port=18001,
+        metrics_port=18002,
+        log_verbose=2,
+        extra_args=["--exit-timeout-secs=5", "--log-format", "ISO8601"],
+    )
+    cmd = server.build_command(tmp_path / "backends")
+    assert cmd[0] == str(fake.resolve())
+    for arg in (
+        f"--model-repository={tmp_path.resolve()}",
+        "--http-address=127.0.0.1",
+        "--grpc-address=127.0.0.1",
+        "--metrics-address=127.0.0.1",
+        "--http-port=18000",
+        "--grpc-port=18001",
+        "--metrics-port=18002",
+        "--log-verbose=2",
+        f"--backend-directory={tmp_path / 'backends'}",
+    ):
+        assert arg in cmd
+    assert cmd[-3:] == ["--exit-timeout-secs=5", "--log-format", "ISO8601"]
+    assert not any("model-control" in a or "load-model" in a for a in cmd)
+    assert server.http_url == "127.0.0.1:18000"
+    assert server.grpc_url == "127.0.0.1:18001"
+    assert server.metrics_url == "127.0.0.1:18002"
+
+
+def test_default_log_verbose_is_zero_and_public_address_is_reached_locally(tmp_path: Path) -> None:
+    fake = tmp_path / "tritonserver"
+    fake.write_text("")
+    server = TritonServer(tmp_path, tritonserver=fake, address="0.0.0.0")
+    cmd = server.build_command()
+    assert "--log-verbose=0" in cmd
+    assert "--http-address=0.0.0.0" in cmd and "--grpc-address=0.0.0.0" in cmd
+    assert server.http_url == "127.0.0.1:8000"
+    assert server.grpc_url == "127.0.0.1:8001"
+
+
+def test_free_ports_are_distinct_and_bindable() -> None:
+    ports = launcher.free_ports(3)
+    assert len(set(ports)) == 3
+    assert all(port_is_free(p) for p in ports)
+    assert port_is_free(launcher.free_port())
+
+
+def test_port_zero_picks_distinct_free_ports(tmp_path: Path) -> None:
+    fake = tmp_path / "tritonserver"
+    fake.write_text("")
+    server = TritonServer(tmp_path, tritonserver=fake, http_port=0, grpc_port=0, metrics_port=0)
+    ports = {server.http_port, server.grpc_port, server.metrics_port}
+    assert len(ports) == 3 and 0 not in ports
+
+
+# --- errors for missing inputs -------------------------------------------------------------
+
+
+def test_missing_model_repository_is_a_clear_error(tmp_path: Path) -> None:
+    fake = tmp_path / "tritonserver"
+    fake.write_text("")
+    server = TritonServer(tmp_path / "no_such_repo", tritonserver=fake)
+    with pytest.raises(TritonServerError, match="model repository not found: .*no_such_repo"):
+        server.start()
+    assert server.process is None
+
+
+def test_unrunnable_binary_is_a_clear_error(tmp_path: Path) -> None:
+    fake = tmp_path / "tritonserver"
+    fake.write_text("")  # not executable
+    server = TritonServer(tmp_path, tritonserver=fake, log_file=tmp_path / "server.log")
+    with pytest.raises(TritonServerError, match="cannot run"):
+        server.start()
+
+
+def test_cli_rejects_missing_repository_and_config(
+    tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        launcher.main(["--config", str(config_file), "--model-repository", str(tmp_path / "missing_repo")])
+    assert exc.value.code == 2
+    assert "model repository not found" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit):
+        launcher.main(["--config", str(tmp_path / "missing.yaml"), "--model-repository", str(tmp_path)])
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_cli_defaults_are_relative_to_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        launcher.main([])
+    assert str(tmp_path / "config.yaml") in capsys.readouterr().err
+
+
+# --- the real server ---------------------------------------------------------------------------
+
+
+@needs_wheel
+def test_real_server_serves_echo_model_and_stops(
+    echo_repo: Path, config_file: Path, shared_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tritonclient.http as httpclient
+
+    # Readiness polling must go straight to the local server, never through a proxy.
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+
+    probe = tmp_path / "probe.txt"
+    server = TritonServer(
+        echo_repo,
+        config_path=config_file,
+        model="echo",
+        http_port=0,
+        grpc_port=0,
+        metrics_port=0,
+        log_file=tmp_path / "server.log",
+        cache_dir=shared_cache,
+        extra_env={"ECHO_PROBE_FILE": str(probe)},
+        ready_timeout_s=45,
+    )
+    with server:
+        client = httpclient.InferenceServerClient(server.http_url)
+        try:
+            data = np.array([3, -1, 7], dtype=np.int32)
+            inp = httpclient.InferInput("INPUT0", list(data.shape), "INT32")
+            inp.set_data_from_numpy(data)
+            result = client.infer("echo", [inp]).as_numpy("OUTPUT0")
+        finally:
+            # An open keep-alive connection makes tritonserver wait out its exit timeout.
+            client.close()
+        np.testing.assert_array_equal(result, data)
+        prefix, zimage_config = probe.read_text().splitlines()
+        assert prefix == sys.prefix, "the stub must run in this venv"
+        assert zimage_config == str(config_file.resolve())
+        process = server.process
+
+    assert process is not None and process.poll() == 0
+    assert server.returncode == 0
+    assert all(port_is_free(p) for p in (server.http_port, server.grpc_port, server.metrics_port))
+
+
+@needs_wheel
+def test_real_server_failure_reports_the_log_tail(echo_repo: Path, shared_cache: Path, tmp_path: Path) -> None:
+    server = TritonServer(
+        echo_repo,
+        model="echo",
+        http_port=0,
+        grpc_port=0,
+        metrics_port=0,
+        log_file=tmp_path / "server.log",
+        cache_dir=shared_cache,
+        extra_env={"ECHO_FAIL": "1"},
+    )
+    server.start()
+    try:
+        with pytest.raises(TritonServerError, match="exited with code") as exc:
+            server.wait_until_ready(timeout_s=45)
+        assert "echo model refused to start" in str(exc.value)
+    finally:
+        server.stop()
+    assert not server.is_running()
+
+
+@needs_wheel
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_exits_zero_after_signal(
+    sig: signal.Signals, echo_repo: Path, config_file: Path, shared_cache: Path, tmp_path: Path
+) -> None:
+    http_port, grpc_port, metrics_port = launcher.free_ports(3)
+    env = dict(os.environ, PYTHONPATH=str(BACKEND_ROOT), XDG_CACHE_HOME=str(shared_cache))
+    cmd = [
+        sys.executable, "-m", "zimage_backend.launcher",
+        "--config", str(config_file),
+        "--model-repository", str(echo_repo),
+        "--model", "echo",
+        "--http-port", str(http_port),
+        "--grpc-port", str(grpc_port),
+        "--metrics-port", str(metrics_port),
+        "--ready-timeout-s", "45",
+        "--log-file", str(tmp_path / "server.log"),
+        "--", "--exit-timeout-secs=10",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "ready: HTTP" in line:
+                ready.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(timeout=45), "no ready line:\n" + "".join(lines)
+        assert f"http://127.0.0.1:{http_port}" in "".join(lines)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == 0, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=5)
+    assert "stopping tritonserver" in "".join(lines)
+    # The server must be gone, not orphaned: its ports are free again.
+    deadline = time.monotonic() + 10
+    while not all(port_is_free(p) for p in (http_port, grpc_port, metrics_port)):
+        assert time.monotonic() < deadline, "tritonserver still holds its ports"
+        time.sleep(0.2)
+
+
+@needs_wheel
+def test_cli_returns_the_servers_exit_code_when_the_model_fails(
+    echo_repo: Path, config_file: Path, shared_cache: Path, tmp_path: Path
+) -> None:
+    http_port, grpc_port, metrics_port = launcher.free_ports(3)
+    env = dict(os.environ, PYTHONPATH=str(BACKEND_ROOT), XDG_CACHE_HOME=str(shared_cache), ECHO_FAIL="1")
+    cmd = [
+        sys.executable, "-m", "zimage_backend.launcher",
+        "--config", str(config_file),
+        "--model-repository", str(echo_repo),
+        "--model", "echo",
+        "--http-port", str(http_port),
+        "--grpc-port", str(grpc_port),
+        "--metrics-port", str(metrics_port),
+        "--ready-timeout-s", "45",
+        "--log-file", str(tmp_path / "server.log"),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "echo model refused to start" in result.stderr, "the error must quote the server log"

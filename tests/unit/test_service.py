@@ -1,0 +1,137 @@
+"""The service in-process, over the real tiny pipeline (and a failing engine for error paths)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from zimage_backend.engine import BatchResult
+from zimage_backend.service import Service
+
+from .test_request import tensors
+
+
+class Incoming:
+    def __init__(self, cancelled=False, **values):
+        self.tensors = tensors(**values)
+        self.cancelled = cancelled
+
+    def is_cancelled(self):
+        return self.cancelled
+
+
+@pytest.fixture(scope="module")
+def service(engine):
+    return Service(engine)
+
+
+def pixels_of(answer):
+    assert answer.error is None, answer.error.message
+    return answer.outputs["PIXELS"][0]
+
+
+def test_batched_equals_single_up_to_rounding(service):
+    prompts = [("a cat", 1), ("a dog running on a beach with a red ball", 2), ("sky", 3)]
+    batched = service.execute([Incoming(PROMPT=p, SEED=s, HEIGHT=64, WIDTH=64,
+                                        OUTPUT_FORMAT="raw") for p, s in prompts])
+    for (prompt, seed), answer in zip(prompts, batched):
+        meta = json.loads(answer.outputs["METADATA"][0, 0])
+        assert meta["batch_size"] == 3
+        alone = service.execute([Incoming(PROMPT=prompt, SEED=seed, HEIGHT=64, WIDTH=64,
+                                          OUTPUT_FORMAT="raw")])[0]
+        assert json.loads(alone.outputs["METADATA"][0, 0])["batch_size"] == 1
+        diff = np.abs(pixels_of(answer).astype(int) - pixels_of(alone).astype(int))
+        # Batched matmuls round differently in the last float bit: at most 1 of 255, rarely.
+        assert diff.max() <= 1
+        assert (diff > 0).mean() < 0.005
+
+
+def test_seed_decides_the_image(service):
+    a, b, c = service.execute([Incoming(PROMPT="a cat", SEED=s, HEIGHT=64, WIDTH=64,
+                                        OUTPUT_FORMAT="raw") for s in (7, 7, 8)])
+    assert np.array_equal(pixels_of(a), pixels_of(b))
+    assert np.abs(pixels_of(a).astype(int) - pixels_of(c).astype(int)).mean() > 5
+    assert [int(x.outputs["SEED"][0, 0]) for x in (a, b, c)] == [7, 7, 8]
+
+
+def test_bad_request_does_not_fail_its_batch(service):
+    answers = service.execute([
+        Incoming(PROMPT="good one", HEIGHT=64, WIDTH=64),
+        Incoming(PROMPT="bad", HEIGHT=65, WIDTH=64),
+        Incoming(PROMPT="", HEIGHT=64, WIDTH=64),
+        Incoming(PROMPT="good two", HEIGHT=64, WIDTH=80, OUTPUT_FORMAT="webp"),
+    ])
+    assert answers[0].error is None and answers[3].error is None
+    assert answers[1].error.code == "INVALID_ARG" and answers[1].error.message.startswith("HEIGHT")
+    assert answers[2].error.code == "INVALID_ARG" and answers[2].error.message.startswith("PROMPT")
+    assert answers[3].outputs["IMAGE"][0, 0][:4] == b"RIFF"
+
+
+def test_mixed_sizes_get_their_own_size(service):
+    sizes = [(64, 64), (64, 96), (96, 64), (64, 64)]
+    answers = service.execute([Incoming(PROMPT="x", HEIGHT=h, WIDTH=w, OUTPUT_FORMAT="raw")
+                               for h, w in sizes])
+    assert [pixels_of(a).shape for a in answers] == [(h, w, 3) for h, w in sizes]
+    assert json.loads(answers[0].outputs["METADATA"][0, 0])["batch_size"] == 2
+
+
+def test_cancelled_request_is_answered_cancelled(service):
+    answers = service.execute([Incoming(PROMPT="x", HEIGHT=64, WIDTH=64, cancelled=True),
+                               Incoming(PROMPT="y", HEIGHT=64, WIDTH=64)])
+    assert answers[0].error.code == "CANCELLED"
+    assert answers[1].error is None
+
+
+def test_cancel_during_denoising_stops_between_steps(engine):
+    steps_seen = []
+
+    class Cancels:
+        tensors = tensors(PROMPT="x", HEIGHT=64, WIDTH=64, NUM_INFERENCE_STEPS=8)
+
+        def is_cancelled(self):
+            steps_seen.append(1)
+            # Not cancelled when the call starts, cancelled from the second step on.
+            return len(steps_seen) > 2
+
+    [answer] = Service(engine).execute([Cancels()])
+    assert answer.error.code == "CANCELLED"
+    assert len(steps_seen) == 3  # the check before the call, then step 1 and step 2
+
+
+class FailingEngine:
+    """Stands in for a GPU engine to drive the out-of-memory and crash paths on a CPU."""
+
+    def __init__(self, engine, fits: int, error=torch.OutOfMemoryError):
+        self.settings, self.device, self.count_tokens = engine.settings, engine.device, len
+        self.fits, self.error, self.calls = fits, error, []
+
+    def run(self, requests, should_stop=None):
+        self.calls.append(len(requests))
+        if len(requests) > self.fits:
+            raise self.error("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return BatchResult([np.zeros((r.height, r.width, 3), np.uint8) for r in requests],
+                           {"denoise": 1.0})
+
+
+def test_out_of_memory_splits_the_batch_then_reports_resource_exhausted(engine):
+    fake = FailingEngine(engine, fits=1)
+    answers = Service(fake).execute([Incoming(PROMPT=str(i), HEIGHT=64, WIDTH=64)
+                                     for i in range(4)])
+    assert all(a.error is None for a in answers)
+    assert fake.calls == [4, 2, 1, 1, 2, 1, 1]
+    fake = FailingEngine(engine, fits=0)
+    [answer] = Service(fake).execute([Incoming(PROMPT="huge", HEIGHT=2048, WIDTH=2048)])
+    assert answer.error.code == "RESOURCE_EXHAUSTED"
+    assert "2048x2048" in answer.error.message
+
+
+def test_crash_fails_only_its_call_without_leaking_details(engine):
+    fake = FailingEngine(engine, fits=1, error=RuntimeError)
+    answers = Service(fake).execute([Incoming(PROMPT="a", HEIGHT=64, WIDTH=64),
+                                     Incoming(PROMPT="b", HEIGHT=64, WIDTH=64),
+                                     Incoming(PROMPT="c", HEIGHT=96, WIDTH=64)])
+    assert [a.error.code if a.error else None for a in answers] == ["INTERNAL", "INTERNAL", None]
+    assert answers[0].error.message == "generation failed: RuntimeError"
