@@ -34,6 +34,9 @@ for step in "$@"; do
     venv)
       cp .dev/b/*.whl "$Z/wheels/"
       bash .dev/b/serving_venv.sh "$Z/venv" "$Z/wheels"
+      # The backend stub imports model.py's packages from the venv, not from PYTHONPATH.
+      site=$("$Z/venv/bin/python3" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+      printf '%s\n' "$PWD/backend" "$PWD/client" > "$site/zimage_dev.pth"
       mkdir -p "$Z/lib" "$Z/bin" && dpkg -x .dev/b/libb64-0d_*.deb "$Z/deb"
       cp "$Z"/deb/usr/lib/x86_64-linux-gnu/libb64.so.0d* "$Z/lib/"
       ln -sf "$(ls "$Z"/triton/nvidia_pytriton.libs/libcudart*.so.12* | head -1)" "$Z/lib/libcudart.so.12"

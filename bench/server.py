@@ -57,7 +57,7 @@ def latency(server: TritonServer, size: int, steps: int, repeats: int) -> dict:
 
 
 def perf_analyzer(server: TritonServer, size: int, concurrencies: list[int], window_ms: int,
-                  out_dir: Path) -> list[dict]:
+                  out_dir: Path, log: Path) -> list[dict]:
     data = json.loads((ROOT / "perf" / "inputs.json").read_text())
     for row in data["data"]:
         row.update(HEIGHT=[size], WIDTH=[size])
@@ -68,9 +68,10 @@ def perf_analyzer(server: TritonServer, size: int, concurrencies: list[int], win
         run = subprocess.run(
             [str(ROOT / "perf" / "perf_analyzer.sh"), str(inputs), "-i", "grpc", "-u",
              server.grpc_url, "--concurrency-range", f"{c}:{c}", "--measurement-interval",
-             str(window_ms), "--max-trials", "3"], capture_output=True, text=True, timeout=900)
+             str(window_ms), "--max-trials", "5"], capture_output=True, text=True, timeout=900)
         text = run.stdout + run.stderr
-        (out_dir / f"perf_c{c}.log").write_text(text)
+        with log.open("a") as handle:  # kept beside the results: a failed run says why
+            handle.write(f"=== concurrency {c}, exit {run.returncode}\n{text}\n")
         throughput = re.findall(r"Throughput: ([\d.]+) infer/sec", text)
         latency_us = re.findall(r"Avg latency: (\d+) usec", text)
         rows.append({"concurrency": c, "ok": run.returncode == 0,
@@ -114,7 +115,8 @@ def main() -> None:
         print(result["latency"], flush=True)
         concurrencies = [int(c) for c in args.concurrency.split(",") if c]
         result["perf_analyzer"] = perf_analyzer(server, args.size, concurrencies,
-                                                args.window_ms, work)
+                                                args.window_ms, work,
+                                                args.out.with_suffix(".perf_analyzer.log"))
     finally:
         server.stop()
     if not args.no_restart:

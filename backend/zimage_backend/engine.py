@@ -102,15 +102,24 @@ class Engine:
         self.run([self._request(p, size, 1) for p in prompts[:n]])
 
     def _warmup(self) -> float:
+        """Runs each warmup size before the model reports ready; with torch.compile also as a
+        full batch of unequal prompts. Otherwise a client's first batch of two, or its first
+        new caption length, pays a recompile (tens of seconds on the full model); after these
+        two shapes the compiled code treats both dimensions as dynamic."""
         warm = self.settings.optimizations.warmup
         if not warm.enabled:
             return 0.0
         started = time.perf_counter()
+        compiled = self.report.status("torch_compile") == "applied"
+        batch = self.settings.limits.max_images_per_call if compiled else 1
         for height, width in warm.sizes:
-            request = dataclasses.replace(self._request("warmup", 0, warm.num_inference_steps),
-                                          height=height, width=width)
-            result = self.run([request])
-            log.info("warmup %dx%d: %s", height, width, result.timings_ms)
+            base = dataclasses.replace(self._request("warmup", 0, warm.num_inference_steps),
+                                       height=height, width=width)
+            for size in sorted({1, batch}):
+                requests = [dataclasses.replace(base, prompt="warmup " + "words " * (8 * i))
+                            for i in range(size)]
+                result = self.run(requests)
+                log.info("warmup %dx%d x%d: %s", height, width, size, result.timings_ms)
         return time.perf_counter() - started
 
     def count_tokens(self, text: str) -> int:
@@ -144,7 +153,11 @@ class Engine:
             self._sync()
             timings[name] = round((time.perf_counter() - started) * 1000, 3)
 
+        steps_done = 0
+
         def on_step_end(pipeline, step, timestep, callback_kwargs):
+            nonlocal steps_done
+            steps_done = step + 1
             if should_stop is not None and should_stop():
                 pipeline._interrupt = True
             return {}
@@ -167,7 +180,9 @@ class Engine:
                     callback_on_step_end=on_step_end,
                 )[0]
             if pipe.interrupt:
-                raise GenerationCancelled("all requests of the batch were cancelled")
+                raise GenerationCancelled(
+                    f"all requests of the batch were cancelled; stopped after {steps_done} of "
+                    f"{first.num_inference_steps} denoising steps")
             with stage("vae_decode"):
                 vae = pipe.vae
                 latents = latents.to(vae.dtype) / vae.config.scaling_factor + \

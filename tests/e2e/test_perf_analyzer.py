@@ -26,7 +26,9 @@ def test_perf_analyzer_runs_without_errors(server, tmp_path):
     run = subprocess.run(
         [str(ROOT / "perf" / "perf_analyzer.sh"), str(inputs), "-i", "grpc", "-u",
          server.grpc_url, "--concurrency-range", "1:2", "--measurement-interval", "2000",
-         "--max-trials", "3"],
+         # On a shared 2-core CI machine windows vary a lot; this test is about errors and
+         # throughput, not about stable latency, so any variation is accepted.
+         "--max-trials", "3", "--stability-percentage", "1000"],
         capture_output=True, text=True, timeout=240, env=env)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output
