@@ -189,3 +189,15 @@ def parse_request(
         raise RequestError("HEIGHT", "rows of one raw request must share one size, since "
                                      "PIXELS is one [batch, H, W, 3] tensor")
     return requests
+
+
+def check_requested_outputs(requests: list[GenerationRequest], requested: set[str]) -> None:
+    """A request that names its outputs must name the one its format fills, or it would get an
+    empty success after the whole generation."""
+    if not requested:
+        return  # Triton's default: every output the model produces
+    raw = requests[0].output_format == "raw"
+    needed, other = ("PIXELS", "IMAGE") if raw else ("IMAGE", "PIXELS")
+    if other in requested and needed not in requested:
+        raise RequestError("OUTPUT_FORMAT", f"{requests[0].output_format!r} returns {needed}, "
+                                            f"but the request asked for {other}")

@@ -21,7 +21,7 @@ from .batching import plan_calls
 from .encoding import encode_image
 from .engine import Engine, GenerationCancelled
 from .metrics import Metrics
-from .request import GenerationRequest, RequestError, parse_request
+from .request import GenerationRequest, RequestError, check_requested_outputs, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class ServingError(Exception):
 
 class Incoming(Protocol):
     tensors: Mapping[str, np.ndarray]
+    requested_outputs: set[str]  # empty: all outputs
 
     def is_cancelled(self) -> bool: ...
 
@@ -72,6 +73,7 @@ class Service:
             try:
                 parsed = parse_request(request.tensors, self.settings.defaults,
                                        self.settings.limits, self.engine.count_tokens)
+                check_requested_outputs(parsed, getattr(request, "requested_outputs", set()))
             except RequestError as exc:
                 answers[index].error = ServingError(INVALID_ARG, str(exc))
                 continue
@@ -107,7 +109,9 @@ class Service:
         try:
             result = self.engine.run(
                 requests, should_stop=lambda: all(incoming[i].is_cancelled() for i in indexes))
-        except GenerationCancelled:
+        except GenerationCancelled as exc:
+            # The server log is the only place that shows it: the client has already gone.
+            log.info("%d request(s) cancelled during generation: %s", len(indexes), exc)
             fail(indexes, ServingError(CANCELLED, "request was cancelled during generation"))
             return
         except torch.OutOfMemoryError:

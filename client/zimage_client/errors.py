@@ -109,8 +109,11 @@ class RequestCancelledError(ZImageServerError):
     """The request was cancelled before it completed."""
 
 
-class ResourceExhaustedError(ZImageServerError):
-    """The server ran out of a resource (typically GPU memory) for this request."""
+class ResourceExhaustedError(ServerUnavailableError):
+    """The server ran out of a resource (typically GPU memory) for this request; it released
+    it, so a smaller request, or the same one later, can succeed. Triton has no
+    RESOURCE_EXHAUSTED code: the server sends UNAVAILABLE with a message that starts with the
+    word, which is why this is also a ServerUnavailableError."""
 
 
 _CLASS_FOR_CODE = {
@@ -163,7 +166,8 @@ _HTTP_CODES = {
     "504": "DEADLINE_EXCEEDED",
 }
 
-_OOM_RE = re.compile(r"out of memory|outofmemory|\boom\b|cudaErrorMemoryAllocation", re.IGNORECASE)
+_OOM_RE = re.compile(r"out of memory|outofmemory|\boom\b|cudaErrorMemoryAllocation|"
+                     r"\bRESOURCE_EXHAUSTED\b", re.IGNORECASE)
 _CANCEL_RE = re.compile(r"\bcancel+(ed|ation)\b", re.IGNORECASE)
 _DEADLINE_RE = re.compile(r"deadline exceeded", re.IGNORECASE)
 # gRPC reports "could not connect" as UNAVAILABLE, the same code Triton uses for
@@ -233,7 +237,7 @@ def map_triton_error(exc: Any) -> ZImageError:
         return ZImageConnectionError(message)
     if is_http_400 and _CANCEL_RE.search(message):
         code = "CANCELLED"
-    if (code in ("INTERNAL", "UNKNOWN") or is_http_400) and _OOM_RE.search(message):
+    if (code in ("INTERNAL", "UNKNOWN", "UNAVAILABLE") or is_http_400) and _OOM_RE.search(message):
         code = "RESOURCE_EXHAUSTED"
 
     cls = _CLASS_FOR_CODE.get(code, ZImageServerError)

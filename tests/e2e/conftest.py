@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import CONFIG, ROOT
+from tests.e2e.helpers import Tally
 from zimage_backend.launcher import TritonServer
 from zimage_client import ZImageClient
 
 pytestmark = pytest.mark.e2e
+_TALLY = pytest.StashKey[Tally]()
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +34,18 @@ def client(server, protocol):
     url = server.grpc_url if protocol == "grpc" else server.http_url
     with ZImageClient(url, protocol=protocol, inference_timeout_s=120) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def tally(request) -> Tally:
+    """Counts what the fuzz, soak and cancellation tests sent; printed after the run."""
+    return request.config.stash.setdefault(_TALLY, Tally())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    tally = config.stash.get(_TALLY, None)
+    lines = tally.lines() if tally is not None else []
+    if lines:
+        terminalreporter.write_sep("-", "requests sent by the robustness tests")
+        for line in lines:
+            terminalreporter.write_line(line)

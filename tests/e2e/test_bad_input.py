@@ -79,6 +79,20 @@ def test_bad_tensors_are_refused_by_name(server, protocol, inputs, field):
     assert field in info.value.message()
 
 
+def test_asking_for_the_output_the_format_does_not_fill(server, protocol):
+    module = grpcclient if protocol == "grpc" else httpclient
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    prompt = module.InferInput("PROMPT", [1, 1], "BYTES")
+    prompt.set_data_from_numpy(np.array([[b"a cat"]], dtype=np.object_))
+    client = module.InferenceServerClient(url)
+    try:
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("zimage", [prompt], outputs=[module.InferRequestedOutput("PIXELS")])
+    finally:
+        client.close()
+    assert info.value.message().startswith("OUTPUT_FORMAT: 'png' returns IMAGE")
+
+
 def test_bad_requests_do_not_fail_their_batch(client, server):
     jobs = [dict(prompt="good", seed=1), dict(prompt="", seed=2), dict(prompt="good", seed=3),
             dict(prompt="bad size", height=65), dict(prompt="good", seed=5)]

@@ -512,6 +512,11 @@ _EXHAUSTED = "RESOURCE_EXHAUSTED"
     [
         ("StatusCode.INVALID_ARGUMENT", _HEIGHT_ERROR, InvalidRequestError, "INVALID_ARG"),
         ("StatusCode.UNAVAILABLE", "Exceeds maximum queue size", ServerUnavailableError, "UNAVAILABLE"),
+        # Our server's out-of-memory answer: Triton has no RESOURCE_EXHAUSTED code.
+        ("StatusCode.UNAVAILABLE", "RESOURCE_EXHAUSTED: out of device memory generating 3072x3072 with 1 "
+         "steps; memory was released, retry smaller or later", ResourceExhaustedError, _EXHAUSTED),
+        ("503", "RESOURCE_EXHAUSTED: out of device memory generating 3072x3072", ResourceExhaustedError,
+         _EXHAUSTED),
         ("StatusCode.CANCELLED", "Locally cancelled by application!", RequestCancelledError, "CANCELLED"),
         ("StatusCode.RESOURCE_EXHAUSTED", "Received message larger than max", ResourceExhaustedError, _EXHAUSTED),
         ("StatusCode.INTERNAL", "CUDA out of memory. Tried to allocate 2.00 GiB", ResourceExhaustedError, _EXHAUSTED),
@@ -570,6 +575,8 @@ def test_transport_errors():
 def test_error_hierarchy():
     for cls in (InvalidRequestError, ServerUnavailableError, RequestCancelledError, ResourceExhaustedError):
         assert issubclass(cls, ZImageServerError)
+    # Out of memory is a kind of "unavailable, retry": callers catching that still catch it.
+    assert issubclass(ResourceExhaustedError, ServerUnavailableError)
     for cls in (ZImageServerError, ZImageConnectionError, ZImageTimeoutError, ZImageResponseError):
         assert issubclass(cls, ZImageError)
 

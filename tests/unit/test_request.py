@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from zimage_backend.request import MAX_SEED, RequestError, parse_request
+from zimage_backend.request import MAX_SEED, RequestError, check_requested_outputs, parse_request
 
 
 def tensors(**values):
@@ -136,3 +136,20 @@ def test_raw_rows_must_share_size(settings):
              "OUTPUT_FORMAT": np.array([[b"raw"], [b"raw"]], dtype=np.object_)}
     with pytest.raises(RequestError, match="HEIGHT: rows of one raw request"):
         parse_request(batch, settings.defaults, settings.limits)
+
+
+@pytest.mark.parametrize("fmt, requested, error", [
+    ("png", set(), None),
+    ("png", {"IMAGE", "SEED"}, None),
+    ("png", {"SEED", "METADATA"}, None),
+    ("png", {"PIXELS"}, "'png' returns IMAGE, but the request asked for PIXELS"),
+    ("raw", {"PIXELS", "IMAGE"}, None),
+    ("raw", {"IMAGE"}, "'raw' returns PIXELS, but the request asked for IMAGE"),
+])
+def test_requested_outputs_must_match_the_format(settings, fmt, requested, error):
+    requests = parse(settings, PROMPT="a", OUTPUT_FORMAT=fmt)
+    if error is None:
+        check_requested_outputs(requests, requested)
+    else:
+        with pytest.raises(RequestError, match=f"OUTPUT_FORMAT: {error}"):
+            check_requested_outputs(requests, requested)

@@ -101,6 +101,23 @@ def test_cancel_during_denoising_stops_between_steps(engine):
     assert len(steps_seen) == 3  # the check before the call, then step 1 and step 2
 
 
+def test_cancel_during_denoising_is_logged_with_the_steps_run(engine, caplog):
+    """The server log is where an operator sees a cancellation: the client has gone."""
+    calls = []
+
+    class Cancels:
+        tensors = tensors(PROMPT="x", HEIGHT=64, WIDTH=64, NUM_INFERENCE_STEPS=8)
+
+        def is_cancelled(self):
+            calls.append(1)
+            return len(calls) > 2
+
+    with caplog.at_level("INFO", logger="zimage_backend.service"):
+        Service(engine).execute([Cancels()])
+    assert "1 request(s) cancelled during generation" in caplog.text
+    assert "stopped after 2 of 8 denoising steps" in caplog.text
+
+
 class FailingEngine:
     """Stands in for a GPU engine to drive the out-of-memory and crash paths on a CPU."""
 

@@ -32,6 +32,7 @@ class _Incoming:
     def __init__(self, request):
         self._request = request
         self.tensors = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
+        self.requested_outputs = set(request.requested_output_names())
 
     def is_cancelled(self) -> bool:
         return self._request.is_cancelled()
@@ -71,18 +72,19 @@ class TritonPythonModel:
 
     def execute(self, requests):
         try:
-            answers = self.service.execute([_Incoming(r) for r in requests])
+            incoming = [_Incoming(r) for r in requests]
+            answers = self.service.execute(incoming)
         except Exception as exc:  # noqa: BLE001 - every request still gets exactly one answer
             log.exception("execute failed for %d request(s)", len(requests))
             error = _triton_error("INTERNAL", f"internal error: {type(exc).__name__}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         responses = []
-        for request, answer in zip(requests, answers):
+        for request, answer in zip(incoming, answers):
             if answer.error is not None:
                 error = _triton_error(answer.error.code, answer.error.message)
                 responses.append(pb_utils.InferenceResponse(error=error))
                 continue
-            wanted = set(request.requested_output_names())
+            wanted = request.requested_outputs
             responses.append(pb_utils.InferenceResponse([
                 pb_utils.Tensor(name, array) for name, array in answer.outputs.items()
                 if not wanted or name in wanted]))
