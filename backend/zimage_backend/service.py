@@ -87,10 +87,9 @@ class Service:
 
         for call in plan_calls(items, lambda item: item.request.group_key,
                                self.settings.limits.max_images_per_call):
-            call = [item for item in call if answers[item.index].error is None]
-            for item in call:
-                if incoming[item.index].is_cancelled():
-                    fail({item.index}, ServingError(CANCELLED, "request was cancelled"))
+            for index in {item.index for item in call}:
+                if answers[index].error is None and incoming[index].is_cancelled():
+                    fail({index}, ServingError(CANCELLED, "request was cancelled"))
             call = [item for item in call if answers[item.index].error is None]
             if call:
                 waited_ms = (time.perf_counter() - started) * 1000
