@@ -24,6 +24,8 @@ from zimage_backend.settings import load_settings
 
 
 class Incoming:
+    requested_outputs: set[str] = set()
+
     def __init__(self, **values):
         dtypes = {"HEIGHT": np.int32, "WIDTH": np.int32, "NUM_INFERENCE_STEPS": np.int32,
                   "SEED": np.int64}

@@ -73,7 +73,7 @@ class Service:
             try:
                 parsed = parse_request(request.tensors, self.settings.defaults,
                                        self.settings.limits, self.engine.count_tokens)
-                check_requested_outputs(parsed, getattr(request, "requested_outputs", set()))
+                check_requested_outputs(parsed, request.requested_outputs)
             except RequestError as exc:
                 answers[index].error = ServingError(INVALID_ARG, str(exc))
                 continue

@@ -15,6 +15,8 @@ from .test_request import tensors
 
 
 class Incoming:
+    requested_outputs: set[str] = set()
+
     def __init__(self, cancelled=False, **values):
         self.tensors = tensors(**values)
         self.cancelled = cancelled
@@ -85,35 +87,31 @@ def test_cancelled_request_is_answered_cancelled(service):
     assert answers[1].error is None
 
 
+class CancelsFromStep2:
+    """Not cancelled when the call starts, cancelled from the second denoising step on."""
+
+    tensors = tensors(PROMPT="x", HEIGHT=64, WIDTH=64, NUM_INFERENCE_STEPS=8)
+    requested_outputs: set[str] = set()
+
+    def __init__(self):
+        self.checks = 0
+
+    def is_cancelled(self):
+        self.checks += 1
+        return self.checks > 2
+
+
 def test_cancel_during_denoising_stops_between_steps(engine):
-    steps_seen = []
-
-    class Cancels:
-        tensors = tensors(PROMPT="x", HEIGHT=64, WIDTH=64, NUM_INFERENCE_STEPS=8)
-
-        def is_cancelled(self):
-            steps_seen.append(1)
-            # Not cancelled when the call starts, cancelled from the second step on.
-            return len(steps_seen) > 2
-
-    [answer] = Service(engine).execute([Cancels()])
+    request = CancelsFromStep2()
+    [answer] = Service(engine).execute([request])
     assert answer.error.code == "CANCELLED"
-    assert len(steps_seen) == 3  # the check before the call, then step 1 and step 2
+    assert request.checks == 3  # the check before the call, then step 1 and step 2
 
 
 def test_cancel_during_denoising_is_logged_with_the_steps_run(engine, caplog):
     """The server log is where an operator sees a cancellation: the client has gone."""
-    calls = []
-
-    class Cancels:
-        tensors = tensors(PROMPT="x", HEIGHT=64, WIDTH=64, NUM_INFERENCE_STEPS=8)
-
-        def is_cancelled(self):
-            calls.append(1)
-            return len(calls) > 2
-
     with caplog.at_level("INFO", logger="zimage_backend.service"):
-        Service(engine).execute([Cancels()])
+        Service(engine).execute([CancelsFromStep2()])
     assert "1 request(s) cancelled during generation" in caplog.text
     assert "stopped after 2 of 8 denoising steps" in caplog.text
 
