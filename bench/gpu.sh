@@ -5,6 +5,8 @@
 #   setup     unpack the Triton tarball and wheels carried in .dev/a   (see bench/README.md)
 #   baselines diffusers eager and compiled, in-process
 #   engine    our engine in-process (stages), then the OOM recovery check
+#   ablation  every switch flipped one at a time in one process, a kernel profile, FP8
+#   memory    the balanced and memory_constrained modes: peak GPU memory and speed
 #   venv      numpy<2 serving venv (wheels carried in .dev/b), perf_analyzer's libraries
 #   serve     our Triton server on GPU 0: cold start, latency, perf_analyzer, warm restart
 #   serve2    the same on every GPU of the machine (scaling)
@@ -31,6 +33,13 @@ for step in "$@"; do
     engine)
       inproc -m bench.engine --out "$OUT/engine.json"
       inproc -m bench.oom_check --out "$OUT/oom.json" ;;
+    ablation)
+      inproc -m bench.ablation --out "$OUT/ablation.json" --profile "$OUT/profile.txt" ;;
+    memory)
+      for mode in balanced memory_constrained; do
+        inproc -m bench.engine --set optimizations.memory_mode=$mode --repeats 3 \
+          --out "$OUT/memory_$mode.json"
+      done ;;
     venv)
       cp .dev/b/*.whl "$Z/wheels/"
       bash .dev/b/serving_venv.sh "$Z/venv" "$Z/wheels"

@@ -48,8 +48,8 @@ def main() -> None:
         rows.append((label, median, p90, first))
     base_eager = eager and eager["median_s"]
     base_compiled = compiled and compiled["median_s"]
-    lines = [f"# Benchmark: Z-Image-Turbo shape, random bf16 weights, 1024x1024, 8 steps, "
-             f"guidance 0, batch 1", "",
+    lines = ["# Benchmark: Z-Image-Turbo shape, random bf16 weights, 1024x1024, 8 steps, "
+             "guidance 0, batch 1", "",
              f"Card: {card['name']} x{card['count']} ({card.get('memory_gib')} GiB), "
              f"torch {card.get('torch')}; date {(one or eager)['date'][:10]}; "
              f"commit {args.commit or (one or eager)['commit']}.", "",

@@ -74,6 +74,7 @@ class Engine:
             self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         optimizations.apply_after_placement(self.pipe, opts, device, self.report)
+        optimizations.apply_to_transformer(self.pipe, opts, device, self.report)
         self.attention_backend = optimizations.select_attention_backend(
             self.pipe, opts, self.report, self._smoke_test)
         optimizations.apply_compile(self.pipe, opts, device, self.report)
@@ -122,12 +123,38 @@ class Engine:
                 log.info("warmup %dx%d x%d: %s", height, width, size, result.timings_ms)
         return time.perf_counter() - started
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens the text encoder sees for `text`, chat template included."""
-        templated = self.pipe.tokenizer.apply_chat_template(
+    def _template(self, text: str) -> str:
+        return self.pipe.tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
             enable_thinking=True)
-        return len(self.pipe.tokenizer(templated, add_special_tokens=False).input_ids)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens the text encoder sees for `text`, chat template included."""
+        return len(self.pipe.tokenizer(self._template(text), add_special_tokens=False).input_ids)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """diffusers' ZImagePipeline._encode_prompt, padded to the longest prompt of the call
+        instead of to max_prompt_tokens when `prompt_padding` is longest.
+
+        The text encoder is causal, so with padding on the right a real token never sees a pad
+        token: the embeddings are the same, computed over ~60 tokens instead of 512.
+        """
+        tokenizer, limit = self.pipe.tokenizer, self.settings.limits.max_prompt_tokens
+        longest = (self.settings.optimizations.prompt_padding == "longest"
+                   and tokenizer.padding_side == "right")
+        inputs = tokenizer([self._template(p) for p in prompts],
+                           padding="longest" if longest else "max_length", max_length=limit,
+                           pad_to_multiple_of=64 if longest else None, truncation=True,
+                           return_tensors="pt")
+        hidden = self.pipe.text_encoder(
+            input_ids=inputs.input_ids.to(self.device),
+            attention_mask=inputs.attention_mask.to(self.device).bool(),
+            output_hidden_states=True).hidden_states[-2]
+        mask = inputs.attention_mask.bool()
+        if tokenizer.padding_side == "right":
+            # Slicing by lengths known on the host avoids the device sync of a boolean index.
+            return [hidden[i, :n] for i, n in enumerate(mask.sum(dim=1).tolist())]
+        return [hidden[i][mask[i].to(self.device)] for i in range(len(prompts))]
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -164,11 +191,9 @@ class Engine:
 
         with self._grad_mode():
             with stage("text_encode"):
-                prompt_embeds, negative_embeds = pipe.encode_prompt(
-                    prompt=[r.prompt for r in requests],
-                    negative_prompt=[r.negative_prompt or "" for r in requests] if cfg else None,
-                    do_classifier_free_guidance=cfg, device=self.device,
-                    max_sequence_length=self.settings.limits.max_prompt_tokens)
+                prompt_embeds = self.encode_prompts([r.prompt for r in requests])
+                negative_embeds = self.encode_prompts(
+                    [r.negative_prompt or "" for r in requests]) if cfg else []
             with stage("denoise"):
                 latents = pipe(
                     prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,

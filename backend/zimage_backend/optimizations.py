@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import float8, fusion
 from .settings import Optimizations
 
 log = logging.getLogger(__name__)
@@ -51,20 +52,40 @@ def _cuda_switch(report: Report, name: str, enabled: bool, cuda: bool, apply: Ca
 def apply_before_placement(pipe, opts: Optimizations, device: torch.device, report: Report) -> bool:
     """Switches that decide where the weights live. Returns whether the caller should still move
     the whole pipeline to `device` (not when CPU offload manages placement itself)."""
-    cuda = device.type == "cuda"
-    if opts.cpu_offload == "none":
-        report.add("cpu_offload", "off")
+    mode = opts.memory_mode
+    if mode == "performance":
+        report.add("memory_mode", "applied", "performance: every weight on the GPU")
         return True
-    if not cuda:
-        report.add("cpu_offload", "skipped", "needs CUDA; this instance runs on the CPU")
+    if device.type != "cuda":
+        report.add("memory_mode", "skipped", "needs CUDA; this instance runs on the CPU")
         return True
     gpu = device.index or 0
-    if opts.cpu_offload == "model":
+    if mode == "balanced":
         pipe.enable_model_cpu_offload(gpu_id=gpu)
+        detail = "model CPU offload: one model on the GPU at a time"
     else:
         pipe.enable_sequential_cpu_offload(gpu_id=gpu)
-    report.add("cpu_offload", "applied", f"{opts.cpu_offload} offload to cuda:{gpu}")
+        detail = "sequential CPU offload: weights stream to the GPU layer by layer"
+    report.add("memory_mode", "applied", f"{mode}: {detail} (cuda:{gpu})")
     return False
+
+
+def apply_to_transformer(pipe, opts: Optimizations, device: torch.device, report: Report) -> None:
+    """Rewrites of the transformer's blocks; before compile, which then traces the new code."""
+    if opts.fuse_projections:
+        count = fusion.fuse_transformer(pipe.transformer)
+        report.add("fuse_projections", "applied", f"{count} blocks: qkv and w1/w3 fused")
+    else:
+        report.add("fuse_projections", "off")
+    if not opts.fp8:
+        report.add("fp8", "off")
+    elif (why := float8.supported(device)) is not None:
+        report.add("fp8", "skipped", why)
+    elif opts.memory_mode != "performance":
+        report.add("fp8", "skipped", "needs memory_mode performance (offload moves the weights)")
+    else:
+        count = float8.quantize_transformer(pipe.transformer)
+        report.add("fp8", "applied", f"{count} linear layers: float8 e4m3, per-row scales")
 
 
 def apply_after_placement(pipe, opts: Optimizations, device: torch.device, report: Report) -> None:
@@ -87,21 +108,26 @@ def apply_after_placement(pipe, opts: Optimizations, device: torch.device, repor
         report.add("channels_last", "applied", "VAE in channels_last")
     else:
         report.add("channels_last", "off")
-    for name, enabled, on in (("vae_tiling", opts.vae_tiling, pipe.vae.enable_tiling),
-                              ("vae_slicing", opts.vae_slicing, pipe.vae.enable_slicing)):
+    # The memory modes turn on the slicing they need; the switches can add more.
+    by_mode = f" (memory_mode {opts.memory_mode})"
+    vae_slicing = opts.vae_slicing or opts.memory_mode != "performance"
+    for name, enabled, on, implied in (
+            ("vae_tiling", opts.vae_tiling, pipe.vae.enable_tiling, False),
+            ("vae_slicing", vae_slicing, pipe.vae.enable_slicing, not opts.vae_slicing)):
         if enabled:
             on()
-            report.add(name, "applied")
+            report.add(name, "applied", by_mode if implied else "")
         else:
             report.add(name, "off")
-    if opts.attention_slicing:
-        try:
-            pipe.enable_attention_slicing()
-            report.add("attention_slicing", "applied")
-        except (ValueError, AttributeError, NotImplementedError) as exc:
-            report.add("attention_slicing", "fallback", f"not supported by this pipeline: {exc}")
-    else:
+    if not opts.attention_slicing:
         report.add("attention_slicing", "off")
+    elif not any(hasattr(m, "set_attention_slice") for m in pipe.components.values()):
+        # diffusers' enable_attention_slicing would silently do nothing here.
+        report.add("attention_slicing", "skipped", "no model of this pipeline slices attention; "
+                   "its attention kernels never hold the full score matrix anyway")
+    else:
+        pipe.enable_attention_slicing()
+        report.add("attention_slicing", "applied")
     report.add("inference_mode", "applied" if opts.inference_mode else "off",
                "torch.inference_mode" if opts.inference_mode else "torch.no_grad")
 
@@ -134,6 +160,11 @@ def apply_compile(pipe, opts: Optimizations, device: torch.device, report: Repor
         return
     if device.type != "cuda":
         report.add("torch_compile", "skipped", "needs CUDA; this instance runs on the CPU")
+        return
+    if opts.memory_mode == "memory_constrained":
+        # Offload hooks on every layer break the compiled graphs at each of them.
+        report.add("torch_compile", "skipped", "memory_mode memory_constrained streams weights "
+                   "per layer")
         return
     kwargs = dict(mode=compile_opts.mode, fullgraph=compile_opts.fullgraph,
                   dynamic=compile_opts.dynamic)

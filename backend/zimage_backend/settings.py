@@ -20,7 +20,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 OUTPUT_FORMATS = ("png", "jpeg", "webp", "raw")
 ATTENTION_BACKENDS = ("_flash_3", "flash", "_native_cudnn", "_native_flash", "native")
 COMPILE_MODULES = ("transformer", "vae_decoder", "text_encoder")
-CPU_OFFLOAD = ("none", "model", "sequential")
+MEMORY_MODES = ("performance", "balanced", "memory_constrained")
+PROMPT_PADDING = ("longest", "max_length")
 
 
 class SettingsError(ValueError):
@@ -74,6 +75,7 @@ class Limits:
 @dataclasses.dataclass(frozen=True)
 class Encoding:
     png_compress_level: int
+    png_threads: int
     jpeg_quality: int
     webp_quality: int
 
@@ -104,7 +106,10 @@ class Optimizations:
     vae_tiling: bool
     vae_slicing: bool
     attention_slicing: bool
-    cpu_offload: str
+    memory_mode: str
+    fuse_projections: bool
+    prompt_padding: str
+    fp8: bool
     torch_compile: TorchCompile
     warmup: Warmup
 
@@ -123,7 +128,8 @@ class Settings:
         _one_of("model.dtype", m.dtype, DTYPES)
         _one_of("model.cpu_dtype", m.cpu_dtype, DTYPES)
         _one_of("defaults.output_format", d.output_format, OUTPUT_FORMATS)
-        _one_of("optimizations.cpu_offload", o.cpu_offload, CPU_OFFLOAD)
+        _one_of("optimizations.memory_mode", o.memory_mode, MEMORY_MODES)
+        _one_of("optimizations.prompt_padding", o.prompt_padding, PROMPT_PADDING)
         for name in o.attention_backends:
             _one_of("optimizations.attention_backends[]", name, ATTENTION_BACKENDS)
         if not o.attention_backends:
@@ -140,6 +146,7 @@ class Settings:
             ("limits.max_prompt_tokens", lim.max_prompt_tokens, 16, 4096),
             ("limits.max_images_per_call", lim.max_images_per_call, 1, 256),
             ("encoding.png_compress_level", self.encoding.png_compress_level, 0, 9),
+            ("encoding.png_threads", self.encoding.png_threads, 1, 256),
             ("encoding.jpeg_quality", self.encoding.jpeg_quality, 1, 100),
             ("encoding.webp_quality", self.encoding.webp_quality, 1, 100),
             ("optimizations.warmup.num_inference_steps", o.warmup.num_inference_steps, 1, 1000),

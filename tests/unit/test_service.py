@@ -54,7 +54,10 @@ def test_batched_equals_single_up_to_rounding(service):
 def test_seed_decides_the_image(service):
     a, b, c = service.execute([Incoming(PROMPT="a cat", SEED=s, HEIGHT=64, WIDTH=64,
                                         OUTPUT_FORMAT="raw") for s in (7, 7, 8)])
-    assert np.array_equal(pixels_of(a), pixels_of(b))
+    # Rows of one batched product may round differently in the last bit (CPU GEMM blocking):
+    # the same bound as batched against single, far below what another seed changes.
+    same = np.abs(pixels_of(a).astype(int) - pixels_of(b).astype(int))
+    assert same.max() <= 1 and (same > 0).mean() < 0.005
     assert np.abs(pixels_of(a).astype(int) - pixels_of(c).astype(int)).mean() > 5
     assert [int(x.outputs["SEED"][0, 0]) for x in (a, b, c)] == [7, 7, 8]
 

@@ -1,0 +1,94 @@
+"""Fuses the Z-Image transformer's parallel projections, and computes its rotary embedding in
+real arithmetic.
+
+Per block, diffusers runs q, k and v as three matrix products over the same input, and the
+feed-forward's w1 and w3 as two. One product with the weights concatenated does the same
+arithmetic in fewer, larger launches (each output column is computed as before). diffusers
+applies RoPE through complex64 tensors, which torch.compile cannot fuse into the surrounding
+kernels; written with cos and sin it fuses with the q/k norms. Weights are concatenated in
+place, so the fused transformer holds no extra copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """x: [batch, seq, heads, head_dim]; freqs_cis: complex [batch, seq, head_dim / 2].
+    The complex product (a + ib)(c + id) of diffusers' version, in float32 as there."""
+    freqs = torch.view_as_real(freqs_cis).unsqueeze(2)
+    cos, sin = freqs[..., 0], freqs[..., 1]
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class FusedAttnProcessor:
+    """ZSingleStreamAttnProcessor over one qkv product. The two class attributes are the ones
+    diffusers' `set_attention_backend` sets on every processor."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 freqs_cis=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        query, key, value = attn.to_qkv(hidden_states).unflatten(-1, (3, attn.heads, -1)) \
+            .unbind(-3)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if freqs_cis is not None:
+            query, key = apply_rotary(query, freqs_cis), apply_rotary(key, freqs_cis)
+        if attention_mask is not None and attention_mask.ndim == 2:
+            attention_mask = attention_mask[:, None, None, :]
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                    is_causal=False, backend=self._attention_backend,
+                                    parallel_config=self._parallel_config)
+        return attn.to_out[0](out.flatten(2, 3).to(query.dtype))
+
+
+class FusedFeedForward(nn.Module):
+    """SwiGLU with w1 and w3 as one product: w2(silu(x W1) * x W3)."""
+
+    def __init__(self, w13: nn.Linear, w2: nn.Linear):
+        super().__init__()
+        self.w13, self.w2 = w13, w2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+def _concat(linears: list[nn.Linear]) -> nn.Linear:
+    first = linears[0]
+    fused = nn.Linear(first.in_features, sum(lin.out_features for lin in linears),
+                      bias=first.bias is not None, device="meta")
+    fused.weight = nn.Parameter(torch.cat([lin.weight.data for lin in linears]),
+                                requires_grad=False)
+    if first.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([lin.bias.data for lin in linears]),
+                                  requires_grad=False)
+    return fused
+
+
+def fuse_transformer(transformer: nn.Module) -> int:
+    """Fuses every ZImageTransformerBlock of `transformer` in place; returns how many."""
+    fused = 0
+    for module in list(transformer.modules()):
+        if type(module).__name__ != "ZImageTransformerBlock":
+            continue
+        attn = module.attention
+        attn.to_qkv = _concat([attn.to_q, attn.to_k, attn.to_v])
+        del attn.to_q, attn.to_k, attn.to_v
+        attn.set_processor(FusedAttnProcessor())
+        ff = module.feed_forward
+        module.feed_forward = FusedFeedForward(_concat([ff.w1, ff.w3]), ff.w2)
+        fused += 1
+    return fused

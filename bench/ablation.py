@@ -1,0 +1,259 @@
+"""Every optimization switch on against off, in one process on one GPU, one switch at a time.
+
+  python -m bench.ablation --out results/raw/ablation.json [--profile results/raw/profile.txt]
+
+One engine with the shipped config.yaml (full model shape, random weights) stays loaded; each row
+flips one switch the way the engine sets it, times `--repeats` images after one untimed image
+(which pays any recompile), and flips it back. The default is timed again at the end to show the
+drift between rows. Rows that rewrite the weights run in the order that lets them: projection
+fusion starts off and is applied second; FP8 comes last, with its deviation from the bf16 images
+of the same seeds. The memory modes move weights off the GPU, so they get their own processes
+(`bench.engine --set optimizations.memory_mode=...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import PROMPT, Timer, config_with, stamp, summarize, write_json
+from zimage_backend import float8, fusion
+from zimage_backend.encoding import encode_image
+from zimage_backend.engine import Engine
+from zimage_backend.request import GenerationRequest
+from zimage_backend.settings import load_settings
+
+
+class Bench:
+    def __init__(self, engine: Engine, size: int, steps: int, repeats: int,
+                 on_row: Callable[[], None]):
+        self.engine, self.size, self.steps, self.repeats = engine, size, steps, repeats
+        self.rows: list[dict] = []
+        self.on_row = on_row  # saves what is measured so far: a run cut short keeps its rows
+
+    def image(self, seed: int) -> tuple[np.ndarray, dict[str, float]]:
+        request = GenerationRequest(prompt=PROMPT, height=self.size, width=self.size,
+                                    num_inference_steps=self.steps, guidance_scale=0.0,
+                                    seed=seed, output_format="png")
+        result = self.engine.run([request])
+        started = time.perf_counter()
+        encode_image(result.pixels[0], "png", self.engine.settings.encoding)
+        stages = {**result.timings_ms, "image_encode": (time.perf_counter() - started) * 1000}
+        return result.pixels[0], stages
+
+    def measure(self, switch: str, setting: str, note: str = "") -> list[np.ndarray]:
+        cuda = self.engine.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        with Timer() as first:
+            self.image(0)
+        times, stages, images = [], [], []
+        for seed in range(1, self.repeats + 1):
+            with Timer() as t:
+                pixels, timing = self.image(seed)
+            times.append(t.seconds)
+            stages.append(timing)
+            images.append(pixels)
+        row = {"switch": switch, "setting": setting, "note": note,
+               "first_s": round(first.seconds, 2), **summarize(times),
+               "stage_ms": {k: round(statistics.median(s[k] for s in stages), 1)
+                            for k in stages[0]},
+               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+        self.rows.append(row)
+        self.on_row()
+        print(f"{switch:18} {setting:24} median {row['median_s']:.3f} s  first "
+              f"{row['first_s']:6.2f} s  {row['stage_ms']}", flush=True)
+        return images
+
+
+def _settings_flip(engine: Engine, section: str, **changes):
+    @contextlib.contextmanager
+    def flip() -> Iterator[None]:
+        saved = engine.settings
+        engine.settings = dataclasses.replace(saved, **{section: dataclasses.replace(
+            getattr(saved, section), **changes)})
+        try:
+            yield
+        finally:
+            engine.settings = saved
+    return flip
+
+
+def _flags_flip(*flags: tuple[object, str, object]):
+    @contextlib.contextmanager
+    def flip() -> Iterator[None]:
+        saved = [(target, attr, getattr(target, attr)) for target, attr, _ in flags]
+        for target, attr, value in flags:
+            setattr(target, attr, value)
+        try:
+            yield
+        finally:
+            for target, attr, value in saved:
+                setattr(target, attr, value)
+    return flip
+
+
+def _compiled_modules(engine: Engine) -> list[torch.nn.Module]:
+    modules = list(engine.pipe.transformer.modules()) + [engine.pipe.vae.decoder]
+    return [m for m in modules if getattr(m, "_compiled_call_impl", None) is not None]
+
+
+@contextlib.contextmanager
+def _eager(engine: Engine) -> Iterator[None]:
+    saved = {m: m._compiled_call_impl for m in _compiled_modules(engine)}
+    for module in saved:
+        module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for module, impl in saved.items():
+            module._compiled_call_impl = impl
+
+
+def _pipe_flip(on: Callable[[], None], off: Callable[[], None]):
+    @contextlib.contextmanager
+    def flip() -> Iterator[None]:
+        on()
+        try:
+            yield
+        finally:
+            off()
+    return flip
+
+
+def _attention(engine: Engine, backend: str):
+    transformer = engine.pipe.transformer
+    return _pipe_flip(lambda: transformer.set_attention_backend(backend),
+                      lambda: transformer.set_attention_backend(engine.attention_backend))
+
+
+def _deviation(test: list[np.ndarray], reference: list[np.ndarray]) -> dict[str, float]:
+    a = np.stack(test).astype(np.float64)
+    b = np.stack(reference).astype(np.float64)
+    mse = float(np.mean((a - b) ** 2))
+    return {"mean_abs_of_255": round(float(np.mean(np.abs(a - b))), 3),
+            "psnr_db": round(10 * np.log10(255**2 / mse), 2) if mse else float("inf"),
+            "relative_l2": round(float(np.linalg.norm(a - b) / np.linalg.norm(b)), 5)}
+
+
+def profile(bench: Bench, path: Path) -> dict[str, float]:
+    """Kernel time by kind for one image, and how busy the GPU was over the image."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with Timer() as wall:
+            bench.image(1)
+    kinds = {"gemm": ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "_scaled_mm"),
+             "attention": ("flash", "fmha", "cudnn", "attention", "sdpa"),
+             "convolution": ("conv", "implicit", "winograd"),
+             "triton (fused elementwise)": ("triton_",)}
+    totals = {k: 0.0 for k in kinds} | {"other": 0.0}
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    for event in events:
+        name = event.key.lower()
+        kind = next((k for k, needles in kinds.items() if any(n in name for n in needles)),
+                    "other")
+        totals[kind] += event.self_device_time_total / 1000
+    busy = sum(totals.values())
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table)
+    summary = {k: round(v, 1) for k, v in totals.items()} | {
+        "kernels_ms": round(busy, 1), "wall_ms": round(wall.seconds * 1000, 1)}
+    print("profile (ms):", summary, flush=True)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--profile", type=Path, default=None)
+    parser.add_argument("--load-format", default="dummy", help="tiny: a CPU dry run of the script")
+    args = parser.parse_args()
+    device = torch.device("cuda", 0) if args.load_format == "dummy" else torch.device("cpu")
+
+    # One image per call and a one-step warmup: the rows time batch 1 and each pays its own
+    # recompile in its untimed first image.
+    overrides = {"model.load_format": args.load_format, "limits.max_images_per_call": 1,
+                 "optimizations.warmup.num_inference_steps": 1,
+                 "optimizations.fuse_projections": False, "optimizations.warmup.enabled": False}
+    settings = load_settings(config_with(overrides))
+    started = time.perf_counter()
+    engine = Engine(settings, device)
+    load_s = time.perf_counter() - started
+    extra: dict = {}
+
+    def save() -> None:
+        write_json(args.out, {
+            "system": "zimage engine in-process, one switch flipped per row", "size": args.size,
+            "steps": args.steps, "repeats": args.repeats, "load_s": round(load_s, 1),
+            "optimizations": engine.report.as_dict(), "rows": bench.rows, **extra, **stamp()})
+
+    bench = Bench(engine, args.size, args.steps, args.repeats, save)
+    bench.measure("warmup", "off", "first image compiles (unfused graph)")
+    bench.measure("fuse_projections", "off")
+
+    fusion.fuse_transformer(engine.pipe.transformer)
+    engine.settings = dataclasses.replace(engine.settings, optimizations=dataclasses.replace(
+        engine.settings.optimizations, fuse_projections=True,
+        warmup=dataclasses.replace(engine.settings.optimizations.warmup, enabled=True)))
+    warmup_s = engine._warmup()
+    reference = bench.measure("default", "shipped config.yaml",
+                              f"warmup before ready took {warmup_s:.1f} s")
+    if args.profile:
+        extra["profile_ms"] = profile(bench, args.profile)
+
+    opts = settings.optimizations
+    vae = engine.pipe.vae
+    flips = [
+        ("torch_compile", "off", lambda: _eager(engine)),
+        ("tf32", "off", _flags_flip((torch.backends.cuda.matmul, "allow_tf32", False),
+                                    (torch.backends.cudnn, "allow_tf32", False))),
+        ("cudnn_benchmark", "off", _flags_flip((torch.backends.cudnn, "benchmark", False))),
+        ("channels_last", "on (VAE)", _pipe_flip(
+            lambda: vae.to(memory_format=torch.channels_last),
+            lambda: vae.to(memory_format=torch.contiguous_format))),
+        ("vae_tiling", "off" if opts.vae_tiling else "on",
+         _pipe_flip(vae.disable_tiling, vae.enable_tiling) if opts.vae_tiling else
+         _pipe_flip(vae.enable_tiling, vae.disable_tiling)),
+        ("vae_slicing", "on", _pipe_flip(vae.enable_slicing, vae.disable_slicing)),
+        ("attention_backend", "_native_flash", _attention(engine, "_native_flash")),
+        ("attention_backend", "native (SDPA picks)", _attention(engine, "native")),
+        ("inference_mode", "off (no_grad)",
+         _settings_flip(engine, "optimizations", inference_mode=False)),
+        ("prompt_padding", "max_length (512)",
+         _settings_flip(engine, "optimizations", prompt_padding="max_length")),
+        ("png_threads", "1", _settings_flip(engine, "encoding", png_threads=1)),
+    ]
+    for switch, setting, flip in flips:
+        try:
+            with flip():
+                bench.measure(switch, setting)
+        except Exception as exc:  # noqa: BLE001 - a row that cannot run says why and the rest go on
+            bench.rows.append({"switch": switch, "setting": setting, "error": repr(exc)[:300]})
+            print(f"{switch:18} {setting:24} failed: {exc!r}"[:300], flush=True)
+    bench.measure("default", "shipped config.yaml (again: drift)")
+
+    if float8.supported(engine.device) is None:
+        count = float8.quantize_transformer(engine.pipe.transformer)
+        fp8_images = bench.measure("fp8", "on", f"{count} linear layers in float8")
+        extra["fp8_deviation"] = _deviation(fp8_images, reference)
+        print("fp8 deviation from bf16, same seeds:", extra["fp8_deviation"], flush=True)
+        if args.profile:
+            extra["fp8_profile_ms"] = profile(bench, args.profile.with_suffix(".fp8.txt"))
+        save()
+
+
+if __name__ == "__main__":
+    main()

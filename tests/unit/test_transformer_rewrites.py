@@ -1,0 +1,129 @@
+"""The rewrites the engine makes for speed compute what diffusers computes: projection fusion,
+real-valued RoPE, prompts padded to the longest instead of 512, and the FP8 products (within
+FP8's precision)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from zimage_backend import float8, fusion
+from zimage_backend.engine import Engine
+from zimage_backend.random_models import build_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline(seed=3)
+
+
+def _inputs(seed: int):
+    """Two latents and two captions of unequal length, so the attention mask is exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    latents = [torch.randn(16, 1, 8, 8, generator=gen) for _ in range(2)]
+    captions = [torch.randn(n, 16, generator=gen) for n in (5, 37)]
+    return latents, torch.tensor([0.3, 0.7]), captions
+
+
+def _forward(transformer, seed: int) -> torch.Tensor:
+    latents, t, captions = _inputs(seed)
+    cap_dim = transformer.config.cap_feat_dim
+    captions = [c[:, :1].expand(-1, cap_dim).contiguous() * torch.linspace(-1, 1, cap_dim)
+                for c in captions]
+    with torch.inference_mode():
+        out = transformer(latents, t, captions, return_dict=False)[0]
+    return torch.stack(out)
+
+
+def test_fused_transformer_matches_diffusers(pipe):
+    reference = pipe.transformer
+    fused = copy.deepcopy(reference)
+    blocks = fusion.fuse_transformer(fused)
+    assert blocks == len(reference.layers) + len(reference.noise_refiner) + \
+        len(reference.context_refiner)
+    assert not hasattr(fused.layers[0].attention, "to_q")  # no second copy of the weights
+    for seed in (0, 1):
+        expected, got = _forward(reference, seed), _forward(fused, seed)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), \
+            (got - expected).abs().max()
+
+
+def test_rotary_matches_the_complex_product():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 3, 8, generator=gen, dtype=torch.bfloat16)
+    freqs = torch.polar(torch.ones(2, 9, 4), torch.randn(2, 9, 4, generator=gen))
+    expected = torch.view_as_real(
+        torch.view_as_complex(x.float().reshape(2, 9, 3, 4, 2)) * freqs.unsqueeze(2)
+    ).flatten(3).to(torch.bfloat16)
+    assert torch.equal(fusion.apply_rotary(x, freqs), expected)
+
+
+@pytest.mark.parametrize("padding", ["longest", "max_length"])
+def test_prompt_padding_does_not_change_the_embeddings(engine, padding):
+    prompts = ["a fox", "a much longer prompt about a red fox in the snow at golden hour"]
+    opts = dataclasses.replace(engine.settings.optimizations, prompt_padding=padding)
+    other = copy.copy(engine)
+    other.settings = dataclasses.replace(engine.settings, optimizations=opts)
+    # A copy: diffusers writes the templated prompts back into the list it is given.
+    reference = engine.pipe.encode_prompt(list(prompts), device=engine.device,
+                                          do_classifier_free_guidance=False,
+                                          max_sequence_length=engine.settings.limits
+                                          .max_prompt_tokens)[0]
+    seen = []
+    hook = engine.pipe.text_encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            ours = other.encode_prompts(prompts)
+    finally:
+        hook.remove()
+    assert seen == [64 if padding == "longest" else engine.settings.limits.max_prompt_tokens]
+    assert [e.shape for e in ours] == [e.shape for e in reference]
+    for got, expected in zip(ours, reference):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_float8_linear_is_within_fp8_precision():
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(256, 128)
+    linear.weight.data = torch.randn(128, 256, generator=gen)
+    x = torch.randn(3, 11, 256, generator=gen)
+    expected = linear(x)
+    got = float8.Float8Linear(linear)(x)
+    assert got.shape == expected.shape
+    error = ((got - expected).norm() / expected.norm()).item()
+    # e4m3 keeps 3 mantissa bits: ~3% per product, far from a wrong product (~141%).
+    assert 0 < error < 0.06
+
+
+def test_float8_quantizes_the_block_products_but_not_the_modulation(pipe):
+    transformer = copy.deepcopy(pipe.transformer)
+    fusion.fuse_transformer(transformer)
+    count = float8.quantize_transformer(transformer)
+    block = transformer.layers[0]
+    assert isinstance(block.attention.to_qkv, float8.Float8Linear)
+    assert isinstance(block.attention.to_out[0], float8.Float8Linear)
+    assert isinstance(block.feed_forward.w13, float8.Float8Linear)
+    assert isinstance(block.adaLN_modulation[0], torch.nn.Linear)
+    assert count == 4 * (len(transformer.layers) + len(transformer.noise_refiner)
+                         + len(transformer.context_refiner))
+
+
+def test_cpu_instance_reports_what_it_skipped(engine):
+    report = engine.report.as_dict()
+    assert report["fuse_projections"]["status"] == "applied"
+    assert report["memory_mode"]["status"] == "applied"
+    assert float8.supported(torch.device("cpu")) is not None
+
+
+def test_unfused_engine_draws_the_same_image(engine, tiny_settings):
+    opts = dataclasses.replace(tiny_settings.optimizations, fuse_projections=False,
+                               prompt_padding="max_length")
+    plain = Engine(dataclasses.replace(tiny_settings, optimizations=opts), torch.device("cpu"))
+    request = plain._request("a red fox in the snow", 64, 2)
+    a = plain.run([request]).pixels[0].astype(int)
+    b = engine.run([request]).pixels[0].astype(int)
+    assert abs(a - b).max() <= 1
