@@ -49,6 +49,32 @@ class Bench:
         stages = {**result.timings_ms, "image_encode": (time.perf_counter() - started) * 1000}
         return result.pixels[0], stages
 
+    def measure_batch(self, size: int, batch: int) -> None:
+        """Images per second of one pipeline call of `batch` prompts (dynamic batching)
+        against one prompt per call, images encoded."""
+        requests = [GenerationRequest(prompt=f"{PROMPT}, variation {i}", height=size,
+                                      width=size, num_inference_steps=self.steps,
+                                      guidance_scale=0.0, seed=i, output_format="png")
+                    for i in range(batch)]
+
+        def call() -> None:
+            result = self.engine.run(requests)
+            for pixels in result.pixels:
+                encode_image(pixels, "png", self.engine.settings.encoding)
+
+        call()
+        times = []
+        for _ in range(self.repeats):
+            with Timer() as t:
+                call()
+            times.append(t.seconds)
+        row = {"switch": "batching", "setting": f"{size}x{size}, {batch} per call",
+               **summarize(times), "images_per_s": round(batch / statistics.median(times), 3)}
+        self.rows.append(row)
+        self.on_row()
+        print(f"batching {size}x{size} x{batch}: {row['images_per_s']} images/s "
+              f"(call {row['median_s']:.3f} s)", flush=True)
+
     def measure(self, switch: str, setting: str, note: str = "") -> list[np.ndarray]:
         cuda = self.engine.device.type == "cuda"
         if cuda:
@@ -101,21 +127,35 @@ def _flags_flip(*flags: tuple[object, str, object]):
     return flip
 
 
-def _compiled_modules(engine: Engine) -> list[torch.nn.Module]:
-    modules = list(engine.pipe.transformer.modules()) + [engine.pipe.vae.decoder]
-    return [m for m in modules if getattr(m, "_compiled_call_impl", None) is not None]
+def _eager(*models: torch.nn.Module):
+    """Runs the compiled submodules of `models` uncompiled (nn.Module.compile keeps the
+    compiled callable beside the module's own)."""
+    @contextlib.contextmanager
+    def flip() -> Iterator[None]:
+        saved = {m: m._compiled_call_impl for model in models for m in model.modules()
+                 if getattr(m, "_compiled_call_impl", None) is not None}
+        for module in saved:
+            module._compiled_call_impl = None
+        try:
+            yield
+        finally:
+            for module, impl in saved.items():
+                module._compiled_call_impl = impl
+    return flip
 
 
-@contextlib.contextmanager
-def _eager(engine: Engine) -> Iterator[None]:
-    saved = {m: m._compiled_call_impl for m in _compiled_modules(engine)}
-    for module in saved:
-        module._compiled_call_impl = None
-    try:
-        yield
-    finally:
-        for module, impl in saved.items():
-            module._compiled_call_impl = impl
+def _fresh_compile(flip):
+    """For a switch that changes what compiled code assumed without failing a guard (the
+    VAE's memory format): drop the compiled code before and after."""
+    @contextlib.contextmanager
+    def wrapped() -> Iterator[None]:
+        torch._dynamo.reset()
+        try:
+            with flip():
+                yield
+        finally:
+            torch._dynamo.reset()
+    return wrapped
 
 
 def _pipe_flip(on: Callable[[], None], off: Callable[[], None]):
@@ -217,13 +257,14 @@ def main() -> None:
     opts = settings.optimizations
     vae = engine.pipe.vae
     flips = [
-        ("torch_compile", "off", lambda: _eager(engine)),
+        ("torch_compile", "off", _eager(engine.pipe.transformer, vae, engine.pipe.text_encoder)),
+        ("torch_compile", "text_encoder not compiled", _eager(engine.pipe.text_encoder)),
         ("tf32", "off", _flags_flip((torch.backends.cuda.matmul, "allow_tf32", False),
                                     (torch.backends.cudnn, "allow_tf32", False))),
         ("cudnn_benchmark", "off", _flags_flip((torch.backends.cudnn, "benchmark", False))),
-        ("channels_last", "on (VAE)", _pipe_flip(
+        ("channels_last", "on (VAE)", _fresh_compile(_pipe_flip(
             lambda: vae.to(memory_format=torch.channels_last),
-            lambda: vae.to(memory_format=torch.contiguous_format))),
+            lambda: vae.to(memory_format=torch.contiguous_format)))),
         ("vae_tiling", "off" if opts.vae_tiling else "on",
          _pipe_flip(vae.disable_tiling, vae.enable_tiling) if opts.vae_tiling else
          _pipe_flip(vae.enable_tiling, vae.disable_tiling)),
@@ -244,6 +285,9 @@ def main() -> None:
             bench.rows.append({"switch": switch, "setting": setting, "error": repr(exc)[:300]})
             print(f"{switch:18} {setting:24} failed: {exc!r}"[:300], flush=True)
     bench.measure("default", "shipped config.yaml (again: drift)")
+    for size in (512, 1024):
+        for batch in (1, 4):
+            bench.measure_batch(size, batch)
 
     if float8.supported(engine.device) is None:
         count = float8.quantize_transformer(engine.pipe.transformer)

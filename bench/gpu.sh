@@ -36,10 +36,16 @@ for step in "$@"; do
     ablation)
       inproc -m bench.ablation --out "$OUT/ablation.json" --profile "$OUT/profile.txt" ;;
     memory)
-      for mode in balanced memory_constrained; do
-        inproc -m bench.engine --set optimizations.memory_mode=$mode --repeats 3 \
-          --out "$OUT/memory_$mode.json"
-      done ;;
+      # TORCH_LOGS counts recompiles: offload moves the weights between calls.
+      TORCH_LOGS=recompiles inproc -m bench.engine --set optimizations.memory_mode=balanced \
+        --repeats 2 --out "$OUT/memory_balanced.json" 2> "$Z/balanced.log"
+      echo "recompile log lines under balanced: $(grep -ci recompil "$Z/balanced.log")"
+      grep -i "recompil" "$Z/balanced.log" | head -4 | cut -c1-300
+      inproc -m bench.engine --set optimizations.memory_mode=balanced \
+        --set optimizations.torch_compile.enabled=false --repeats 2 \
+        --out "$OUT/memory_balanced_eager.json"
+      inproc -m bench.engine --set optimizations.memory_mode=memory_constrained --repeats 2 \
+        --out "$OUT/memory_memory_constrained.json" ;;
     venv)
       cp .dev/b/*.whl "$Z/wheels/"
       bash .dev/b/serving_venv.sh "$Z/venv" "$Z/wheels"
@@ -53,9 +59,11 @@ for step in "$@"; do
       served -c "import numpy, tritonclient.grpc, diffusers; print('venv ok', numpy.__version__)"
       LD_LIBRARY_PATH="$Z/lib" "$Z/bin/perf_analyzer" --version 2>&1 | head -2 ;;
     serve)
-      served -m bench.server --gpus 0 --out "$OUT/server_1gpu.json" ;;
+      served -m bench.server --gpus 0 --concurrency 1,2,4,8 --small-concurrency 1,4 \
+        --window-ms 8000 --out "$OUT/server_1gpu.json" ;;
     serve2)
-      served -m bench.server --no-restart --concurrency 1,2,4,8 --out "$OUT/server_all_gpus.json" ;;
+      served -m bench.server --no-restart --concurrency 1,2,4,8 --window-ms 8000 \
+        --out "$OUT/server_all_gpus.json" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

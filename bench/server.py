@@ -55,6 +55,24 @@ def latency(server: TritonServer, size: int, steps: int, repeats: int) -> dict:
             "weights": runs[0][1].metadata.get("weights")}
 
 
+def gpu_processes(log_file: Path) -> dict:
+    """Which process holds memory on which GPU (nvidia-smi), and what each instance's allocator
+    says it holds per GPU (its startup log line)."""
+    def smi(*query: str) -> list[list[str]]:
+        run = subprocess.run(["nvidia-smi", *query, "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=60)
+        return [[f.strip() for f in line.split(",")] for line in run.stdout.splitlines() if line]
+
+    gpus = {uuid: int(index) for index, uuid in smi("--query-gpu=index,uuid")}
+    apps = [{"pid": int(pid), "gpu": gpus.get(uuid), "used_mib": int(used)}
+            for pid, uuid, used in smi("--query-compute-apps=pid,gpu_uuid,used_memory")]
+    text = log_file.read_text(errors="replace") if log_file.exists() else ""
+    instances = re.findall(r"instance (\S+) on (cuda:\d+)", text)
+    held = re.findall(r"GPU memory held by this instance: (.*)", text)
+    return {"nvidia_smi_apps": apps, "instances": [" ".join(i) for i in instances],
+            "allocator_by_gpu": held}
+
+
 def perf_analyzer(server: TritonServer, size: int, concurrencies: list[int], window_ms: int,
                   out_dir: Path, log: Path) -> list[dict]:
     data = json.loads((ROOT / "perf" / "inputs.json").read_text())
@@ -92,6 +110,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--concurrency", default="1,2,4")
     parser.add_argument("--window-ms", type=int, default=15000)
+    parser.add_argument("--small-concurrency", default="",
+                        help="also load-test 512x512 at these concurrencies (batching)")
     parser.add_argument("--no-restart", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -110,12 +130,19 @@ def main() -> None:
     server, result["cold_start_s"] = start(config, work / "server_cold.log", env)
     try:
         print("cold start", result["cold_start_s"], flush=True)
+        result["gpu_processes"] = gpu_processes(work / "server_cold.log")
+        print(result["gpu_processes"], flush=True)
         result["latency"] = latency(server, args.size, args.steps, args.repeats)
         print(result["latency"], flush=True)
         concurrencies = [int(c) for c in args.concurrency.split(",") if c]
         result["perf_analyzer"] = perf_analyzer(server, args.size, concurrencies,
                                                 args.window_ms, work,
                                                 args.out.with_suffix(".perf_analyzer.log"))
+        if args.small_concurrency:
+            small = [int(c) for c in args.small_concurrency.split(",") if c]
+            result["perf_analyzer_512"] = perf_analyzer(
+                server, 512, small, args.window_ms, work,
+                args.out.with_suffix(".perf_analyzer.log"))
     finally:
         server.stop()
     if not args.no_restart:

@@ -84,6 +84,16 @@ class Engine:
                  device, settings.model.dtype if device.type == "cuda" else
                  settings.model.cpu_dtype, settings.model.weights_label,
                  self.load_seconds, self.warmup_seconds)
+        if device.type == "cuda":
+            log.info("GPU memory held by this instance: %s", self.memory_by_gpu())
+
+    def memory_by_gpu(self) -> str:
+        """Memory this process's allocator holds on every visible GPU: an instance must hold
+        its own GPU's alone (reading the stats creates no context on the others)."""
+        return "; ".join(
+            f"cuda:{d} allocated {torch.cuda.memory_allocated(d) / 2**30:.2f} GiB, "
+            f"reserved {torch.cuda.memory_reserved(d) / 2**30:.2f} GiB"
+            for d in range(torch.cuda.device_count()))
 
     def _grad_mode(self):
         return torch.inference_mode() if self.settings.optimizations.inference_mode \
@@ -104,9 +114,9 @@ class Engine:
 
     def _warmup(self) -> float:
         """Runs each warmup size before the model reports ready; with torch.compile also as a
-        full batch of unequal prompts. Otherwise a client's first batch of two, or its first
-        new caption length, pays a recompile (tens of seconds on the full model); after these
-        two shapes the compiled code treats both dimensions as dynamic."""
+        full batch of unequal prompts. Otherwise a client's first batch of two, its first new
+        caption length or its first new image size pays a recompile (tens of seconds on the
+        full model); after two shapes the compiled code treats a dimension as dynamic."""
         warm = self.settings.optimizations.warmup
         if not warm.enabled:
             return 0.0
@@ -117,7 +127,9 @@ class Engine:
             base = dataclasses.replace(self._request("warmup", 0, warm.num_inference_steps),
                                        height=height, width=width)
             for size in sorted({1, batch}):
-                requests = [dataclasses.replace(base, prompt="warmup " + "words " * (8 * i))
+                # Unequal prompts: the batch needs an attention mask, and its longest prompt
+                # pads past the single one's 64 tokens, so caption length turns dynamic too.
+                requests = [dataclasses.replace(base, prompt="warmup " + "words " * (40 * i))
                             for i in range(size)]
                 result = self.run(requests)
                 log.info("warmup %dx%d x%d: %s", height, width, size, result.timings_ms)

@@ -166,6 +166,11 @@ def apply_compile(pipe, opts: Optimizations, device: torch.device, report: Repor
         report.add("torch_compile", "skipped", "memory_mode memory_constrained streams weights "
                    "per layer")
         return
+    # Every block of the transformer (and every text-encoder layer) shares one code object, and
+    # each block kind, batch size, caption length and image size adds a compiled variant. Past
+    # torch's default limit of 8 the blocks silently run eagerly: measured on an H200, denoising
+    # went from 770 to 1340 ms.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     kwargs = dict(mode=compile_opts.mode, fullgraph=compile_opts.fullgraph,
                   dynamic=compile_opts.dynamic)
     done = []
@@ -179,6 +184,11 @@ def apply_compile(pipe, opts: Optimizations, device: torch.device, report: Repor
             pipe.vae.decoder.compile(**kwargs)
             done.append("vae_decoder")
         elif module == "text_encoder":
-            pipe.text_encoder.compile(**kwargs)
-            done.append("text_encoder")
+            # Its decoder layers, the same way: the model's own forward builds masks and
+            # caches that need not be traced. A short prompt's encode is launch-bound.
+            encoder = pipe.text_encoder
+            layers = encoder.layers if hasattr(encoder, "layers") else encoder.model.layers
+            for layer in layers:
+                layer.compile(**kwargs)
+            done.append("text_encoder (decoder layers)")
     report.add("torch_compile", "applied", f"{', '.join(done)}; mode={compile_opts.mode}")

@@ -9,7 +9,6 @@ a server.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import numbers
@@ -20,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ZImageResponseError
-from .generated_image import GeneratedImage
+from .generated_image import GeneratedImage, open_encoded
 
 __all__ = [
     "GenerateRequest",
@@ -238,21 +237,15 @@ def parse_result(result: Any, request: GenerateRequest) -> GeneratedImage:
     if not isinstance(data, (bytes, bytearray, np.bytes_)):
         raise ZImageResponseError(f"IMAGE must hold encoded bytes, got {type(data).__name__}")
     data = bytes(data)
-    try:
-        image = Image.open(io.BytesIO(data))
-        # Decode now so a corrupt payload fails here, inside the request, not later.
-        image.load()
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ZImageResponseError(f"IMAGE bytes ({len(data)} B) could not be decoded: {exc}") from exc
-    detected = _PIL_FORMATS.get(image.format or "")
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    # Header only: enough to fail inside the request on a body that is not an
+    # image; the full decode waits until someone reads the pixels.
+    image = open_encoded(data, load=False)
     return GeneratedImage(
         image=image,
         data=data,
-        pixels=_readonly(np.array(rgb, dtype=np.uint8)),
+        pixels=None,
         seed=seed,
-        format=detected or request.output_format or "png",
+        format=_PIL_FORMATS.get(image.format or "") or request.output_format or "png",
         timings_ms=timings,
         metadata=metadata,
     )
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +10,8 @@ from typing import Any, Dict, Optional, Union
 
 import numpy as np
 from PIL import Image
+
+from .errors import ZImageResponseError
 
 __all__ = ["GeneratedImage", "FILE_EXTENSIONS"]
 
@@ -18,36 +21,108 @@ FILE_EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "raw": ".png"
 _WAIT_KEYS = frozenset({"queue", "wait", "queue_wait"})
 
 
-@dataclass(frozen=True, eq=False)
+def open_encoded(data: bytes, *, load: bool) -> Image.Image:
+    """Open encoded image bytes, fully decoding them only when ``load`` is true.
+
+    Pillow parses the header in ``Image.open`` and the pixel data in ``load``, so
+    ``load=False`` is enough to reject a payload that is not an image at all.
+    Every call reads its own ``BytesIO``: PIL file objects are not safe to decode
+    from two threads at once, a fresh one per decode is.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        if load:
+            image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ZImageResponseError(f"IMAGE bytes ({len(data)} B) could not be decoded: {exc}") from exc
+    return image
+
+
+@dataclass(frozen=True, eq=False, init=False)
 class GeneratedImage:
     """One generated image plus what the server reported about producing it.
 
-    ``data`` is kept next to the decoded ``image`` so that saving does not
-    re-encode (a JPEG/WebP round trip would lose quality and change the bytes the
-    server produced).  ``pixels`` is always an ``(H, W, 3)`` uint8 array: the
+    ``data`` is kept next to ``image`` so that saving does not re-encode (a
+    JPEG/WebP round trip would lose quality and change the bytes the server
+    produced).  ``pixels`` is always a read-only ``(H, W, 3)`` uint8 array: the
     server's PIXELS tensor for ``raw``, the decoded image otherwise, so numeric
     consumers need not care which format was requested.
+
+    Encoded images are decoded lazily, once, on first access of ``image`` or
+    ``pixels``: decoding a 1024x1024 PNG costs tens of milliseconds that callers
+    who only save or forward ``data`` should not pay.  ``width``/``height`` come
+    from the header.  A body that turns out to be corrupt raises
+    ``ZImageResponseError`` at that first access.  Concurrent first accesses may
+    each decode; the results are equal, so the race is harmless.
+
+    Pass ``pixels=None`` to have them derived from ``image`` (or from ``data``
+    when it is set) on first use; ``image`` may then be only header-parsed.
 
     Equality is identity (``eq=False``): field-wise ``==`` over numpy arrays and
     PIL images is ambiguous or expensive, and two generations are distinct results
     even when their pixels match.
     """
 
-    image: Image.Image
     data: Optional[bytes] = field(repr=False)
-    pixels: np.ndarray = field(repr=False)
     seed: int
     format: str
     timings_ms: Dict[str, Any]
     metadata: Dict[str, Any]
+    _image: Image.Image = field(repr=False)
+    _decoded: bool = field(repr=False)
+    _pixels: Optional[np.ndarray] = field(repr=False)
+
+    def __init__(
+        self,
+        image: Image.Image,
+        data: Optional[bytes],
+        pixels: Optional[np.ndarray],
+        seed: int,
+        format: str,
+        timings_ms: Dict[str, Any],
+        metadata: Dict[str, Any],
+    ) -> None:
+        set_ = object.__setattr__
+        set_(self, "data", data)
+        set_(self, "seed", seed)
+        set_(self, "format", format)
+        set_(self, "timings_ms", timings_ms)
+        set_(self, "metadata", metadata)
+        set_(self, "_image", image)
+        # Without data there is nothing to decode from; given pixels mean the
+        # caller already decoded.
+        set_(self, "_decoded", data is None or pixels is not None)
+        set_(self, "_pixels", pixels)
+
+    @property
+    def image(self) -> Image.Image:
+        """The image as a PIL image, fully decoded (on first access, for encoded formats)."""
+        if not self._decoded:
+            assert self.data is not None
+            # _image before _decoded: a thread that sees the flag must see the decoded image.
+            object.__setattr__(self, "_image", open_encoded(self.data, load=True))
+            object.__setattr__(self, "_decoded", True)
+        return self._image
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """Read-only ``(H, W, 3)`` uint8 RGB array, decoded on first access for encoded formats."""
+        pixels = self._pixels
+        if pixels is None:
+            image = self.image
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            pixels = np.array(rgb, dtype=np.uint8)
+            pixels.setflags(write=False)
+            object.__setattr__(self, "_pixels", pixels)
+        return pixels
 
     @property
     def width(self) -> int:
-        return self.image.width
+        return self._image.width
 
     @property
     def height(self) -> int:
-        return self.image.height
+        return self._image.height
 
     @property
     def extension(self) -> str:

@@ -479,6 +479,82 @@ def test_contract_violations_raise_response_error(outputs, request_kwargs):
         parse_result(FakeResult(outputs), GenerateRequest("x", **request_kwargs))
 
 
+
+def _png_result(data: bytes) -> FakeResult:
+    return FakeResult({"IMAGE": np.array([[data]], dtype=np.object_), "SEED": np.array([[7]]), "METADATA": None})
+
+
+@pytest.fixture
+def count_loads(monkeypatch):
+    """Records each full decode; header parsing never calls ``ImageFile.load``."""
+    from PIL import ImageFile
+
+    calls = []
+    original = ImageFile.ImageFile.load
+
+    def load(self):
+        if self.tile:  # load() on an already decoded image is a no-op with no tiles left
+            calls.append(self)
+        return original(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    return calls
+
+
+def test_parse_encoded_result_does_not_decode(count_loads, tmp_path):
+    data = _png_bytes(_test_pixels(32, 48, seed=1))
+    image = parse_result(_png_result(data), GenerateRequest("x"))
+    assert (image.width, image.height) == (48, 32)
+    assert image.data == data and image.format == "png"
+    assert image.save(tmp_path / "out.png").read_bytes() == data
+    assert "seed=7" in repr(image)
+    assert count_loads == []
+
+
+def test_pixels_decode_once_on_first_access(count_loads):
+    pixels = _test_pixels(32, 48, seed=2)
+    image = parse_result(_png_result(_png_bytes(pixels)), GenerateRequest("x"))
+    first = image.pixels
+    assert len(count_loads) == 1
+    np.testing.assert_array_equal(first, pixels)
+    assert not first.flags.writeable
+    assert image.pixels is first
+    assert image.image.size == (48, 32) and image.image.mode == "RGB"
+    assert len(count_loads) == 1  # image reuses the decode pixels needed
+
+
+def test_image_access_decodes_without_building_pixels(count_loads):
+    pixels = _test_pixels(16, 16, seed=4)
+    image = parse_result(_png_result(_png_bytes(pixels)), GenerateRequest("x"))
+    decoded = image.image
+    assert image.image is decoded and len(count_loads) == 1
+    np.testing.assert_array_equal(np.asarray(decoded), pixels)
+
+
+def test_non_rgb_encoded_image_gives_rgb_pixels():
+    rgba = np.dstack([_test_pixels(8, 8, seed=5), np.full((8, 8), 128, np.uint8)])
+    image = parse_result(_png_result(_png_bytes(rgba)), GenerateRequest("x"))
+    assert image.image.mode == "RGBA"
+    np.testing.assert_array_equal(image.pixels, rgba[..., :3])
+
+
+def test_truncated_body_fails_on_first_pixel_access():
+    data = _png_bytes(_test_pixels(64, 64, seed=6))
+    truncated = data[: len(data) // 2]
+    image = parse_result(_png_result(truncated), GenerateRequest("x"))  # the header is intact
+    assert (image.width, image.height) == (64, 64)
+    with pytest.raises(ZImageResponseError, match=rf"\({len(truncated)} B\)"):
+        _ = image.pixels
+    with pytest.raises(ZImageResponseError):
+        _ = image.image
+
+
+@pytest.mark.parametrize("body", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 20])
+def test_garbage_body_fails_inside_parse(body):
+    with pytest.raises(ZImageResponseError, match=rf"\({len(body)} B\)"):
+        parse_result(_png_result(body), GenerateRequest("x"))
+
+
 @pytest.mark.parametrize(
     "timings, expected",
     [
