@@ -8,14 +8,18 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def plan_calls(items: Sequence[T], key: Callable[[T], Hashable], max_per_call: int) -> list[list[T]]:
+def plan_calls(items: Sequence[T], key: Callable[[T], Hashable],
+               max_per_call: int | Callable[[T], int]) -> list[list[T]]:
     """Groups items that can share one pipeline call (equal `key(item)`), in order of first
-    arrival, and splits each group into calls of at most `max_per_call` items."""
-    if max_per_call < 1:
-        raise ValueError(f"max_per_call must be at least 1, got {max_per_call}")
+    arrival, and splits each group into calls of at most `max_per_call` items (a number, or a
+    function of the group's first item)."""
     groups: dict[Hashable, list[T]] = {}
     for item in items:
         groups.setdefault(key(item), []).append(item)
-    return [group[start:start + max_per_call]
-            for group in groups.values()
-            for start in range(0, len(group), max_per_call)]
+    calls = []
+    for group in groups.values():
+        size = max_per_call(group[0]) if callable(max_per_call) else max_per_call
+        if size < 1:
+            raise ValueError(f"max_per_call must be at least 1, got {size}")
+        calls.extend(group[start:start + size] for start in range(0, len(group), size))
+    return calls

@@ -122,8 +122,8 @@ class Engine:
             return 0.0
         started = time.perf_counter()
         compiled = self.report.status("torch_compile") == "applied"
-        batch = self.settings.limits.max_images_per_call if compiled else 1
         for height, width in warm.sizes:
+            batch = self.settings.limits.images_per_call(height, width) if compiled else 1
             base = dataclasses.replace(self._request("warmup", 0, warm.num_inference_steps),
                                        height=height, width=width)
             for size in sorted({1, batch}):
@@ -158,10 +158,12 @@ class Engine:
                            padding="longest" if longest else "max_length", max_length=limit,
                            pad_to_multiple_of=64 if longest else None, truncation=True,
                            return_tensors="pt")
+        # use_cache=False: a fresh KV cache per call is work nobody reads, and its state fails
+        # the compiled layers' guards, so they recompiled on every prompt.
         hidden = self.pipe.text_encoder(
             input_ids=inputs.input_ids.to(self.device),
             attention_mask=inputs.attention_mask.to(self.device).bool(),
-            output_hidden_states=True).hidden_states[-2]
+            output_hidden_states=True, use_cache=False).hidden_states[-2]
         mask = inputs.attention_mask.bool()
         if tokenizer.padding_side == "right":
             # Slicing by lengths known on the host avoids the device sync of a boolean index.

@@ -86,7 +86,8 @@ class Service:
                     answers[i].error = error
 
         for call in plan_calls(items, lambda item: item.request.group_key,
-                               self.settings.limits.max_images_per_call):
+                               lambda item: self.settings.limits.images_per_call(
+                                   item.request.height, item.request.width)):
             for index in {item.index for item in call}:
                 if answers[index].error is None and incoming[index].is_cancelled():
                     fail({index}, ServingError(CANCELLED, "request was cancelled"))

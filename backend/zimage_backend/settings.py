@@ -70,6 +70,11 @@ class Limits:
     max_guidance_scale: float
     max_prompt_tokens: int
     max_images_per_call: int
+    max_pixels_per_call: int
+
+    def images_per_call(self, height: int, width: int) -> int:
+        """How many images of this size one pipeline call may hold."""
+        return max(1, min(self.max_images_per_call, self.max_pixels_per_call // (height * width)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +150,7 @@ class Settings:
             ("limits.max_steps", lim.max_steps, 1, 1000),
             ("limits.max_prompt_tokens", lim.max_prompt_tokens, 16, 4096),
             ("limits.max_images_per_call", lim.max_images_per_call, 1, 256),
+            ("limits.max_pixels_per_call", lim.max_pixels_per_call, 1, 2**30),
             ("encoding.png_compress_level", self.encoding.png_compress_level, 0, 9),
             ("encoding.png_threads", self.encoding.png_threads, 1, 256),
             ("encoding.jpeg_quality", self.encoding.jpeg_quality, 1, 100),
