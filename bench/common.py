@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import tempfile
@@ -35,6 +36,9 @@ def card() -> dict[str, Any]:
 
 
 def commit() -> str:
+    """$ZIMAGE_COMMIT when set: a copied tree's git (the GPU machines') may report another HEAD."""
+    if os.environ.get("ZIMAGE_COMMIT"):
+        return os.environ["ZIMAGE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                               capture_output=True, check=True).stdout.strip()

@@ -1,6 +1,10 @@
 """Turns one benchmark run's raw JSON files into results.json, results.md and a plot.
 
-  python -m bench.report bench/results/2026-11-26-h200x2
+  python -m bench.report bench/results/2026-11-26-h200x2-b --commit "..."
+
+Each section appears when its files are in the folder: baselines (bench.baselines), the engine
+(bench.engine or bench.ablation), the memory modes (memory_*.json), and the served runs
+(server_1gpu.json, server_all_gpus.json).
 """
 
 from __future__ import annotations
@@ -19,67 +23,182 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "n/a"
 
 
+def _row(rows: list[dict], switch: str, nth: int = 0) -> dict | None:
+    found = [r for r in rows if r["switch"] == switch and "error" not in r]
+    return found[nth] if len(found) > nth else None
+
+
+def main_table(f: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
+    eager, compiled = load(f, "diffusers_eager"), load(f, "diffusers_compiled")
+    engine, ablation, one = load(f, "engine"), load(f, "ablation"), load(f, "server_1gpu")
+    rows = []
+    if eager:
+        rows.append(("diffusers eager, as the model card shows it", "diffusers eager", eager))
+    if compiled:
+        rows.append(("diffusers + compile_repeated_blocks + compiled VAE decoder + cuDNN "
+                     "attention", "diffusers compiled", compiled))
+    if engine:
+        rows.append(("zimage engine in-process (shipped config, PNG encode included)",
+                     "engine in-process", engine))
+    if ablation:
+        default, fp8 = _row(ablation["rows"], "default"), _row(ablation["rows"], "fp8")
+        if default:
+            rows.append(("zimage engine in-process, bf16 (one fixed prompt: static shapes; "
+                         "PNG included)", "engine in-process bf16", default))
+        if fp8:
+            rows.append(("zimage engine in-process, FP8 mode (PNG included)",
+                         "engine in-process FP8", fp8))
+    if one:
+        rows.append(("**zimage on Triton, gRPC client, PNG returned** (1 GPU, shipped "
+                     "config)", "Triton, gRPC, PNG", {**one["latency"], "date": one["date"]}))
+    base_eager = eager and eager["median_s"]
+    base_compiled = compiled and compiled["median_s"]
+    lines = ["| system | median s | p90 s | first request s | vs diffusers eager | "
+             "vs diffusers compiled |", "|---|---|---|---|---|---|"]
+    for label, _, data in rows:
+        lines.append(f"| {label} | {data['median_s']:.3f} | {data['p90_s']:.3f} | "
+                     f"{data['first_s']:.2f} | {ratio(data['median_s'], base_eager)} | "
+                     f"{ratio(data['median_s'], base_compiled)} |")
+    return lines, [(label, short, data["median_s"]) for label, short, data in rows]
+
+
+def ablation_table(ablation: dict) -> list[str]:
+    rows = ablation["rows"]
+    default = _row(rows, "default")
+    lines = ["| switch | setting | median s | vs default | text ms | denoise ms | VAE ms | "
+             "PNG ms | first image s | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["switch"] == "batching":
+            continue
+        if "error" in r:
+            lines.append(f"| {r['switch']} | {r['setting']} | failed | | | | | | | "
+                         f"{r['error'][:120]} |")
+            continue
+        s = r["stage_ms"]
+        lines.append(
+            f"| {r['switch']} | {r['setting']} | {r['median_s']:.3f} | "
+            f"{ratio(r['median_s'], default and default['median_s'])} | {s['text_encode']:.1f} | "
+            f"{s['denoise']:.1f} | {s['vae_decode']:.1f} | {s['image_encode']:.1f} | "
+            f"{r['first_s']:.2f} | {r.get('note', '')} |")
+    return lines
+
+
+def batching_table(ablation: dict) -> list[str]:
+    rows = [r for r in ablation["rows"] if r["switch"] == "batching"]
+    if not rows:
+        return []
+    lines = ["| size, images per pipeline call | seconds per call | images per second |",
+             "|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['median_s']:.3f} | {r['images_per_s']:.3f} |" for r in rows]
+    return lines
+
+
+def memory_table(f: Path, ablation: dict | None) -> list[str]:
+    lines = ["| memory_mode | compile | median s per image | peak GPU memory (allocated) |",
+             "|---|---|---|---|"]
+    default = ablation and _row(ablation["rows"], "default")
+    if default:
+        lines.append(f"| performance (default) | on | {default['median_s']:.3f} | "
+                     f"{default['peak_gib']:.2f} GiB |")
+    found = False
+    for name in ("memory_balanced", "memory_balanced_eager", "memory_memory_constrained"):
+        data = load(f, name)
+        if not data:
+            continue
+        found = True
+        mode = data["overrides"]["optimizations.memory_mode"]
+        compiled = "off" if data["overrides"].get("optimizations.torch_compile.enabled") is False \
+            or mode == "memory_constrained" else "on"
+        lines.append(f"| {mode} | {compiled} | {data['median_s']:.3f} | "
+                     f"{data['peak_gib']:.2f} GiB |")
+    return lines if found else []
+
+
+def scaling(one: dict | None, every: dict | None) -> list[str]:
+    lines = ["| concurrency | 1 GPU: images/min (avg latency) | all GPUs: images/min "
+             "(avg latency) |", "|---|---|---|"]
+    table: dict[int, list] = {}
+    for column, data in ((0, one), (1, every)):
+        for row in (data or {}).get("perf_analyzer", []):
+            table.setdefault(row["concurrency"], [None, None])[column] = row
+    for c in sorted(table):
+        cells = [("failed (see the .perf_analyzer.log)" if not r["ok"] else
+                  f"{r['images_per_min']:.1f} ({r['avg_latency_s']:.2f} s)") if r else "-"
+                 for r in table[c]]
+        lines.append(f"| {c} | {cells[0]} | {cells[1]} |")
+    best = [max((r["images_per_min"] for r in (d or {}).get("perf_analyzer", []) if r["ok"]),
+                default=None) for d in (one, every)]
+    if all(best):
+        lines += ["", f"Saturation (best of the concurrencies): {best[1]:.1f} against "
+                      f"{best[0]:.1f} images/min, {ratio(best[1], best[0])}. Latency at "
+                      f"concurrency 1: {every['latency']['median_s']:.3f} s with all GPUs, "
+                      f"{one['latency']['median_s']:.3f} s with one "
+                      f"({ratio(every['latency']['median_s'], one['latency']['median_s'])})."]
+    return lines
+
+
+def gpu_memory(every: dict | None) -> list[str]:
+    procs = (every or {}).get("gpu_processes")
+    if not procs:
+        return []
+    lines = ["| process (pid) | GPU | memory (nvidia-smi) |", "|---|---|---|"]
+    lines += [f"| {a['pid']} | {a['gpu']} | {a['used_mib']} MiB |"
+              for a in procs["nvidia_smi_apps"]]
+    lines += ["", f"Instances: {', '.join(procs['instances'])}. Each instance process's "
+                  "allocator, per visible GPU (its startup log line):", ""]
+    lines += [f"- {held}" for held in procs["allocator_by_gpu"]]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder", type=Path)
     parser.add_argument("--commit", default=None, help="when the GPU machine had no git")
-    parser.add_argument("--command", default="bash bench/gpu.sh setup baselines engine venv "
-                                              "serve serve2")
+    parser.add_argument("--command", default="see NOTES.md")
     args = parser.parse_args()
     f = args.folder
-    eager, compiled = load(f, "diffusers_eager"), load(f, "diffusers_compiled")
-    engine, one, every = load(f, "engine"), load(f, "server_1gpu"), load(f, "server_all_gpus")
+    ablation, one, every = load(f, "ablation"), load(f, "server_1gpu"), load(f, "server_all_gpus")
     oom = load(f, "oom_h100")
-    card = (one or engine or eager)["card"]
-    rows = []
-    for label, data, median in (
-        ("diffusers eager, as the model card shows it", eager, eager and eager["median_s"]),
-        ("diffusers + compile_repeated_blocks + compiled VAE decoder + cuDNN attention",
-         compiled, compiled and compiled["median_s"]),
-        ("zimage engine in-process (shipped config, PNG encode included)", engine,
-         engine and engine["median_s"]),
-        ("**zimage on Triton, gRPC client, PNG returned** (1 GPU)", one,
-         one and one["latency"]["median_s"]),
-    ):
-        if data is None:
-            continue
-        first = data.get("first_s", data.get("latency", {}).get("first_s"))
-        p90 = data.get("p90_s", data.get("latency", {}).get("p90_s"))
-        rows.append((label, median, p90, first))
-    base_eager = eager and eager["median_s"]
-    base_compiled = compiled and compiled["median_s"]
+    first = next(d for d in (one, every, ablation, load(f, "diffusers_eager")) if d)
+    card = first["card"]
+    table, medians = main_table(f)
     lines = ["# Benchmark: Z-Image-Turbo shape, random bf16 weights, 1024x1024, 8 steps, "
              "guidance 0, batch 1", "",
-             f"Card: {card['name']} x{card['count']} ({card.get('memory_gib')} GiB), "
-             f"torch {card.get('torch')}; date {(one or eager)['date'][:10]}; "
-             f"commit {args.commit or (one or eager)['commit']}.", "",
-             f"Command: `{args.command}` (see bench/README.md).", "",
-             "| system | median s | p90 s | first request s | vs diffusers eager | "
-             "vs diffusers compiled |", "|---|---|---|---|---|---|"]
-    for label, median, p90, first in rows:
-        lines.append(f"| {label} | {median:.3f} | {p90:.3f} | {first:.2f} | "
-                     f"{ratio(median, base_eager)} | {ratio(median, base_compiled)} |")
+             f"Card: {card['name']} ({card.get('memory_gib')} GiB), torch {card.get('torch')}; "
+             f"date {first['date'][:10]}; commit {args.commit or first['commit']}.", "",
+             f"Command: {args.command}", "", *table]
     if one:
         stages = one["latency"]["stage_ms"]
         lines += ["", "Where the time goes through Triton (median ms per image, 1 GPU):", "",
                   "| " + " | ".join(stages) + " |", "|" + "---|" * len(stages),
                   "| " + " | ".join(f"{v:.1f}" for v in stages.values()) + " |"]
-        lines += ["", f"Cold start (launch to ready, compile included): {one['cold_start_s']:.1f} s;"
-                      f" warm restart with the compile cache kept: "
-                      f"{one.get('warm_restart_s', float('nan')):.1f} s "
-                      f"({ratio(one.get('warm_restart_s'), one['cold_start_s'])} of cold)."]
+        if "warm_restart_s" in one:
+            lines += ["", f"Cold start (launch to ready, compile and warmup included): "
+                          f"{one['cold_start_s']:.1f} s; warm restart with the compile cache "
+                          f"kept: {one['warm_restart_s']:.1f} s "
+                          f"({ratio(one['warm_restart_s'], one['cold_start_s'])} of cold)."]
+    if ablation:
+        lines += ["", "## Ablation: one switch flipped per row, same process, same GPU", "",
+                  *ablation_table(ablation)]
+        if ablation.get("fp8_deviation"):
+            d = ablation["fp8_deviation"]
+            lines += ["", f"FP8 against bf16 on the same seeds (decoded pixels): mean absolute "
+                          f"difference {d['mean_abs_of_255']} of 255, PSNR {d['psnr_db']} dB, "
+                          f"relative L2 {d['relative_l2']}."]
+        for key, label in (("profile_ms", "bf16"), ("fp8_profile_ms", "FP8")):
+            if ablation.get(key):
+                p = ablation[key]
+                lines += ["", f"Kernel time for one image, {label} (torch.profiler, ms): " +
+                          ", ".join(f"{k} {v}" for k, v in p.items())]
+        if batching := batching_table(ablation):
+            lines += ["", "## Batching: several prompts in one pipeline call", "", *batching]
+    if memory := memory_table(f, ablation):
+        lines += ["", "## Memory modes", "", *memory]
     if one or every:
-        lines += ["", "perf_analyzer, images per minute (gRPC, PNG, 1024x1024):", "",
-                  "| concurrency | 1 GPU | all GPUs |", "|---|---|---|"]
-        table: dict[int, list] = {}
-        for column, data in ((0, one), (1, every)):
-            for row in (data or {}).get("perf_analyzer", []):
-                table.setdefault(row["concurrency"], [None, None])[column] = row
-        for c in sorted(table):
-            cells = [("failed: perf_analyzer exited non-zero (its log was not kept)" if not r["ok"] else
-                      f"{r['images_per_min']:.1f} ({r['avg_latency_s']:.2f} s avg)")
-                     if r else "-" for r in table[c]]
-            lines.append(f"| {c} | {cells[0]} | {cells[1]} |")
+        lines += ["", "## Scaling: perf_analyzer through Triton (gRPC, PNG, 1024x1024)", "",
+                  *scaling(one, every)]
+    if gpu := gpu_memory(every):
+        lines += ["", "## Memory per GPU with one instance per GPU", "", *gpu]
     if oom:
         lines += ["", f"Out-of-memory recovery ({oom['card']['name']}, memory budget "
                       f"{oom['memory_budget_gib']} GiB): a {oom['huge_request']} request got "
@@ -89,27 +208,25 @@ def main() -> None:
                       f"request {'succeeded' if oom['next_request_ok'] else 'FAILED'}."]
     lines += ["", "Random weights: timings only, never image quality."]
     (f / "results.md").write_text("\n".join(lines) + "\n")
-    summary = {"card": card, "rows": [dict(zip(("system", "median_s", "p90_s", "first_s"), r))
-                                      for r in rows],
-               "server_1gpu": one, "server_all_gpus": every, "oom": oom}
+    summary = {"card": card, "rows": [{"system": s, "median_s": m} for s, _, m in medians],
+               "ablation": ablation, "server_1gpu": one, "server_all_gpus": every, "oom": oom}
     (f / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot(f, rows, one, every, card)
+    plot(f, medians, one, every, card)
     print("\n".join(lines))
 
 
-def plot(folder: Path, rows, one, every, card) -> None:
+def plot(folder: Path, medians, one, every, card) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = ["diffusers\neager", "diffusers\ncompiled", "engine\nin-process", "Triton\ngRPC+PNG"]
-    left.bar(labels[:len(rows)], [r[1] for r in rows], color=["#999", "#999", "#4a90d9",
-                                                               "#1f5fa8"][:len(rows)])
-    left.set_ylabel("median seconds per image")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    left.barh([short for _, short, _ in medians][::-1], [m for _, _, m in medians][::-1],
+              color="#4a90d9")
+    left.set_xlabel("median seconds per image")
     left.set_title("Latency, 1024x1024, 8 steps, batch 1")
-    for column, data, label in ((0, one, "1 GPU"), (1, every, "all GPUs")):
+    for data, label in ((one, "1 GPU"), (every, "all GPUs")):
         points = [(r["concurrency"], r["images_per_min"]) for r in
                   (data or {}).get("perf_analyzer", []) if r["ok"]]
         if points:
@@ -118,7 +235,7 @@ def plot(folder: Path, rows, one, every, card) -> None:
     right.set_ylabel("images per minute")
     right.set_title("Throughput through Triton")
     right.legend()
-    fig.suptitle(f"{card['name']} x{card['count']}, random weights (timing only)")
+    fig.suptitle(f"{card['name']}, random weights (timing only)")
     fig.tight_layout()
     fig.savefig(folder / "latency_throughput.png", dpi=110)
 

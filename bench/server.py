@@ -68,7 +68,7 @@ def gpu_processes(log_file: Path) -> dict:
             for pid, uuid, used in smi("--query-compute-apps=pid,gpu_uuid,used_memory")]
     text = log_file.read_text(errors="replace") if log_file.exists() else ""
     instances = re.findall(r"instance (\S+) on (cuda:\d+)", text)
-    held = re.findall(r"GPU memory held by this instance: (.*)", text)
+    held = re.findall(r"GPU memory held by the instance on \S+: (.*)", text)
     return {"nvidia_smi_apps": apps, "instances": [" ".join(i) for i in instances],
             "allocator_by_gpu": held}
 

@@ -85,7 +85,7 @@ class Engine:
                  settings.model.cpu_dtype, settings.model.weights_label,
                  self.load_seconds, self.warmup_seconds)
         if device.type == "cuda":
-            log.info("GPU memory held by this instance: %s", self.memory_by_gpu())
+            log.info("GPU memory held by the instance on %s: %s", device, self.memory_by_gpu())
 
     def memory_by_gpu(self) -> str:
         """Memory this process's allocator holds on every visible GPU: an instance must hold
