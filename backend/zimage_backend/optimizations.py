@@ -109,7 +109,7 @@ def apply_after_placement(pipe, opts: Optimizations, device: torch.device, repor
     else:
         report.add("channels_last", "off")
     # The memory modes turn on the slicing they need; the switches can add more.
-    by_mode = f" (memory_mode {opts.memory_mode})"
+    by_mode = f"memory_mode {opts.memory_mode} turns it on"
     vae_slicing = opts.vae_slicing or opts.memory_mode != "performance"
     for name, enabled, on, implied in (
             ("vae_tiling", opts.vae_tiling, pipe.vae.enable_tiling, False),

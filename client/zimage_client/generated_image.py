@@ -97,8 +97,7 @@ class GeneratedImage:
     @property
     def image(self) -> Image.Image:
         """The image as a PIL image, fully decoded (on first access, for encoded formats)."""
-        if not self._decoded:
-            assert self.data is not None
+        if not self._decoded and self.data is not None:
             # _image before _decoded: a thread that sees the flag must see the decoded image.
             object.__setattr__(self, "_image", open_encoded(self.data, load=True))
             object.__setattr__(self, "_decoded", True)

@@ -127,3 +127,18 @@ def test_unfused_engine_draws_the_same_image(engine, tiny_settings):
     a = plain.run([request]).pixels[0].astype(int)
     b = engine.run([request]).pixels[0].astype(int)
     assert abs(a - b).max() <= 1
+
+
+def test_memory_mode_and_slicing_report_what_a_cpu_instance_does(tiny_settings):
+    opts = dataclasses.replace(tiny_settings.optimizations, memory_mode="balanced",
+                               attention_slicing=True, fp8=True,
+                               warmup=dataclasses.replace(tiny_settings.optimizations.warmup,
+                                                          enabled=False))
+    engine = Engine(dataclasses.replace(tiny_settings, optimizations=opts), torch.device("cpu"))
+    report = engine.report.as_dict()
+    assert report["memory_mode"]["status"] == "skipped"
+    assert report["vae_slicing"] == {"status": "applied",
+                                     "detail": "memory_mode balanced turns it on"}
+    # ZImagePipeline has nothing that slices attention: said, not silently ignored.
+    assert report["attention_slicing"]["status"] == "skipped"
+    assert report["fp8"]["status"] == "skipped" and "CUDA" in report["fp8"]["detail"]
