@@ -109,7 +109,7 @@ class Engine:
         when batching is possible."""
         size = self.settings.limits.min_size
         prompts = ["smoke test", "a longer smoke test prompt with more tokens in it"]
-        n = min(2, self.settings.limits.max_images_per_call)
+        n = min(2, self.settings.limits.images_per_call(size, size))
         self.run([self._request(p, size, 1) for p in prompts[:n]])
 
     def _warmup(self) -> float:
@@ -160,11 +160,10 @@ class Engine:
                            return_tensors="pt")
         # use_cache=False: a fresh KV cache per call is work nobody reads, and its state fails
         # the compiled layers' guards, so they recompiled on every prompt.
-        hidden = self.pipe.text_encoder(
-            input_ids=inputs.input_ids.to(self.device),
-            attention_mask=inputs.attention_mask.to(self.device).bool(),
-            output_hidden_states=True, use_cache=False).hidden_states[-2]
         mask = inputs.attention_mask.bool()
+        hidden = self.pipe.text_encoder(
+            input_ids=inputs.input_ids.to(self.device), attention_mask=mask.to(self.device),
+            output_hidden_states=True, use_cache=False).hidden_states[-2]
         if tokenizer.padding_side == "right":
             # Slicing by lengths known on the host avoids the device sync of a boolean index.
             return [hidden[i, :n] for i, n in enumerate(mask.sum(dim=1).tolist())]
