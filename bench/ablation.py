@@ -184,8 +184,9 @@ def _deviation(test: list[np.ndarray], reference: list[np.ndarray]) -> dict[str,
             "relative_l2": round(float(np.linalg.norm(a - b) / np.linalg.norm(b)), 5)}
 
 
-def profile(bench: Bench, path: Path) -> dict[str, float]:
-    """Kernel time by kind for one image, and how busy the GPU was over the image."""
+def profile(bench: Bench, path: Path, top_kernels: int = 0) -> dict:
+    """Kernel time by kind for one image, how busy the GPU was over the image, and the
+    `top_kernels` kernels that took longest."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -209,6 +210,10 @@ def profile(bench: Bench, path: Path) -> dict[str, float]:
     summary = {k: round(v, 1) for k, v in totals.items()} | {
         "kernels_ms": round(busy, 1), "wall_ms": round(wall.seconds * 1000, 1)}
     print("profile (ms):", summary, flush=True)
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:top_kernels]
+    if top:
+        summary["top_kernels_ms"] = {e.key[:120]: round(e.self_device_time_total / 1000, 1)
+                                     for e in top}
     return summary
 
 

@@ -6,10 +6,13 @@
 #   baselines diffusers eager and compiled, in-process
 #   engine    our engine in-process (stages), then the OOM recovery check
 #   ablation  every switch flipped one at a time in one process, a kernel profile, FP8
+#   shapes    static against dynamic compiled shapes, profiled (why serving was slower)
 #   memory    the balanced and memory_constrained modes: peak GPU memory and speed
 #   venv      numpy<2 serving venv (wheels carried in .dev/b), perf_analyzer's libraries
 #   serve     our Triton server on GPU 0: cold start, latency, perf_analyzer, warm restart
-#   serve2    the same on every GPU of the machine (scaling)
+#   serve2    the same on every GPU of the machine (scaling), starting from serve's compile cache
+#   servefp8  latency through the server with optimizations.fp8 on (GPU 0)
+# SERVE_ARGS adds arguments to the serve steps, e.g. "--set optimizations.tf32=false".
 set -uo pipefail
 Z=${ZIMAGE_GPU_DIR:-/root/zt}
 OUT=${OUT:-$PWD/bench/results/raw}
@@ -36,16 +39,12 @@ for step in "$@"; do
     ablation)
       inproc -m bench.ablation --out "$OUT/ablation.json" --profile "$OUT/profile.txt" ;;
     memory)
-      # TORCH_LOGS counts recompiles: offload moves the weights between calls.
-      TORCH_LOGS=recompiles inproc -m bench.engine --set optimizations.memory_mode=balanced \
-        --repeats 2 --out "$OUT/memory_balanced.json" 2> "$Z/balanced.log"
-      echo "recompile log lines under balanced: $(grep -ci recompil "$Z/balanced.log")"
-      grep -i "recompil" "$Z/balanced.log" | head -4 | cut -c1-300
-      inproc -m bench.engine --set optimizations.memory_mode=balanced \
-        --set optimizations.torch_compile.enabled=false --repeats 2 \
-        --out "$OUT/memory_balanced_eager.json"
+      inproc -m bench.engine --set optimizations.memory_mode=balanced --repeats 3 \
+        --out "$OUT/memory_balanced.json"
       inproc -m bench.engine --set optimizations.memory_mode=memory_constrained --repeats 2 \
         --out "$OUT/memory_memory_constrained.json" ;;
+    shapes)
+      inproc -m bench.shapes --out "$OUT/shapes.json" --profile-dir "$Z/profiles" ;;
     venv)
       cp .dev/b/*.whl "$Z/wheels/"
       bash .dev/b/serving_venv.sh "$Z/venv" "$Z/wheels"
@@ -59,11 +58,17 @@ for step in "$@"; do
       served -c "import numpy, tritonclient.grpc, diffusers; print('venv ok', numpy.__version__)"
       LD_LIBRARY_PATH="$Z/lib" "$Z/bin/perf_analyzer" --version 2>&1 | head -2 ;;
     serve)
+      # The compile cache it fills ($Z/inductor) makes serve2's start warm.
+      rm -rf "$Z/inductor"
       served -m bench.server --gpus 0 --concurrency 1,2,4,8 --small-concurrency 1,4 \
-        --window-ms 8000 --out "$OUT/server_1gpu.json" ;;
+        --window-requests 12 --compile-cache "$Z/inductor" ${SERVE_ARGS:-} \
+        --out "$OUT/server_1gpu.json" ;;
     serve2)
-      served -m bench.server --no-restart --concurrency 1,2,4,8 --window-ms 8000 \
-        --out "$OUT/server_all_gpus.json" ;;
+      served -m bench.server --no-restart --concurrency 1,2,4,8 --window-requests 16 \
+        --compile-cache "$Z/inductor" ${SERVE_ARGS:-} --out "$OUT/server_all_gpus.json" ;;
+    servefp8)
+      served -m bench.server --gpus 0 --no-restart --concurrency "" --set optimizations.fp8=true \
+        ${SERVE_ARGS:-} --out "$OUT/server_fp8.json" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

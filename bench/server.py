@@ -2,6 +2,7 @@
 PNG returned (per stage), perf_analyzer throughput, and a warm restart.
 
   python -m bench.server --out results/raw/server.json [--weights PATH] [--gpus 0,1]
+      [--compile-cache DIR]
 
 Without --weights the server runs the shipped config.yaml with the one line
 `model.load_format: dummy` changed (random weights, full Z-Image-Turbo shape).
@@ -16,6 +17,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from bench.common import PROMPT, ROOT, config_with, parse_overrides, stamp, summarize, write_json
@@ -73,8 +75,19 @@ def gpu_processes(log_file: Path) -> dict:
             "allocator_by_gpu": held}
 
 
-def perf_analyzer(server: TritonServer, size: int, concurrencies: list[int], window_ms: int,
-                  out_dir: Path, log: Path) -> list[dict]:
+def images_by_device(server: TritonServer) -> dict[str, float]:
+    """zimage_images_generated_total per instance device, from Triton's metrics endpoint."""
+    text = urllib.request.urlopen(f"http://{server.metrics_url}/metrics", timeout=30).read()
+    found = re.findall(r'zimage_images_generated_total\{[^}]*device="([^"]+)"[^}]*\} (\S+)',
+                       text.decode())
+    return {device: float(value) for device, value in found}
+
+
+def perf_analyzer(server: TritonServer, size: int, concurrencies: list[int],
+                  window_requests: int, out_dir: Path, log: Path) -> list[dict]:
+    """Images per minute per concurrency. Each window ends after `window_requests` answers
+    (perf_analyzer's count windows): with answers a second apart, time windows of a few
+    seconds miscount by one answer in a few."""
     data = json.loads((ROOT / "perf" / "inputs.json").read_text())
     for row in data["data"]:
         row.update(HEIGHT=[size], WIDTH=[size])
@@ -84,8 +97,12 @@ def perf_analyzer(server: TritonServer, size: int, concurrencies: list[int], win
     for c in concurrencies:
         run = subprocess.run(
             [str(ROOT / "perf" / "perf_analyzer.sh"), str(inputs), "-i", "grpc", "-u",
-             server.grpc_url, "--concurrency-range", f"{c}:{c}", "--measurement-interval",
-             str(window_ms), "--max-trials", "5"], capture_output=True, text=True, timeout=900)
+             server.grpc_url, "--concurrency-range", f"{c}:{c}", "--measurement-mode",
+             "count_windows", "--measurement-request-count", str(max(window_requests, 2 * c)),
+             # Three windows of a fixed size are the sample; perf_analyzer's stability test
+             # only decides when to stop, and a fixed sample needs none.
+             "--stability-percentage", "1000", "--max-trials", "5"],
+            capture_output=True, text=True, timeout=900)
         text = run.stdout + run.stderr
         with log.open("a") as handle:  # kept beside the results: a failed run says why
             handle.write(f"=== concurrency {c}, exit {run.returncode}\n{text}\n")
@@ -103,13 +120,18 @@ def perf_analyzer(server: TritonServer, size: int, concurrencies: list[int], win
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--weights", default=None, help="a local Z-Image-Turbo folder")
+    parser.add_argument("--load-format", default="dummy", help="tiny: a CPU dry run")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--gpus", default=None, help="CUDA_VISIBLE_DEVICES for the server")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--concurrency", default="1,2,4")
-    parser.add_argument("--window-ms", type=int, default=15000)
+    parser.add_argument("--window-requests", type=int, default=12,
+                        help="answers per perf_analyzer window (three stable windows count)")
+    parser.add_argument("--compile-cache", type=Path, default=None,
+                        help="Inductor cache to use and keep (default: a fresh one); the "
+                        "first start is cold only while it is empty")
     parser.add_argument("--small-concurrency", default="",
                         help="also load-test 512x512 at these concurrencies (batching)")
     parser.add_argument("--no-restart", action="store_true")
@@ -117,31 +139,40 @@ def main() -> None:
     args = parser.parse_args()
 
     overrides = ({"model.load_format": "auto", "model.source": args.weights} if args.weights
-                 else {"model.load_format": "dummy"})
+                 else {"model.load_format": args.load_format})
     overrides.update(parse_overrides(args.set))
     config = config_with(overrides)
     work = Path(tempfile.mkdtemp(prefix="zimage-bench-"))
     # A fresh compile cache makes the first start cold; the restart reuses it.
-    env = {"TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache")}
+    cache = args.compile_cache or work / "inductor-cache"
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(cache)}
     if args.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = args.gpus
     result = {"system": "zimage on Triton (gRPC, PNG)", "overrides": overrides,
               "size": args.size, "steps": args.steps, "gpus": args.gpus, **stamp()}
-    server, result["cold_start_s"] = start(config, work / "server_cold.log", env)
+    cold = not (cache.exists() and any(cache.iterdir()))
+    first_start = "cold_start_s" if cold else "start_with_cache_s"
+    server, result[first_start] = start(config, work / "server_cold.log", env)
     try:
-        print("cold start", result["cold_start_s"], flush=True)
-        result["gpu_processes"] = gpu_processes(work / "server_cold.log")
-        print(result["gpu_processes"], flush=True)
+        print(first_start, result[first_start], flush=True)
+        if args.load_format != "tiny":
+            result["gpu_processes"] = gpu_processes(work / "server_cold.log")
+            print(result["gpu_processes"], flush=True)
         result["latency"] = latency(server, args.size, args.steps, args.repeats)
         print(result["latency"], flush=True)
         concurrencies = [int(c) for c in args.concurrency.split(",") if c]
+        before = images_by_device(server)
         result["perf_analyzer"] = perf_analyzer(server, args.size, concurrencies,
-                                                args.window_ms, work,
+                                                args.window_requests, work,
                                                 args.out.with_suffix(".perf_analyzer.log"))
+        # How evenly Triton spread the load test over the instances.
+        result["images_by_device"] = {d: n - before.get(d, 0.0)
+                                      for d, n in images_by_device(server).items()}
+        print("images by device", result["images_by_device"], flush=True)
         if args.small_concurrency:
             small = [int(c) for c in args.small_concurrency.split(",") if c]
             result["perf_analyzer_512"] = perf_analyzer(
-                server, 512, small, args.window_ms, work,
+                server, 512, small, args.window_requests, work,
                 args.out.with_suffix(".perf_analyzer.log"))
     finally:
         server.stop()

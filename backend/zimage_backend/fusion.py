@@ -33,6 +33,8 @@ class FusedAttnProcessor:
 
     _attention_backend = None
     _parallel_config = None
+    eager_attention = False  # set by set_eager_attention
+
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  freqs_cis=None):
@@ -48,10 +50,30 @@ class FusedAttnProcessor:
             query, key = apply_rotary(query, freqs_cis), apply_rotary(key, freqs_cis)
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                    is_causal=False, backend=self._attention_backend,
-                                    parallel_config=self._parallel_config)
+        attend = _eager_dispatch if self.eager_attention else dispatch_attention_fn
+        out = attend(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                     is_causal=False, backend=self._attention_backend,
+                     parallel_config=self._parallel_config)
         return attn.to_out[0](out.flatten(2, 3).to(query.dtype))
+
+
+@torch.compiler.disable
+def _eager_dispatch(*args, **kwargs):
+    """Attention outside torch.compile's graph: SDPA chooses its kernel per call from the real
+    shapes, which code compiled for dynamic shapes cannot."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    return dispatch_attention_fn(*args, **kwargs)
+
+
+def set_eager_attention(transformer: nn.Module, eager: bool) -> int:
+    """Runs the fused blocks' attention outside (eager) or inside compiled code; returns how
+    many processors it set."""
+    processors = [m.processor for m in transformer.modules()
+                  if isinstance(getattr(m, "processor", None), FusedAttnProcessor)]
+    for processor in processors:
+        processor.eager_attention = eager
+    return len(processors)
 
 
 class FusedFeedForward(nn.Module):

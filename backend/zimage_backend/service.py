@@ -2,7 +2,9 @@
 
 Triton-free so it can be tested with plain numpy; model.py only converts tensors and errors.
 Every request gets exactly one `Answer`; one request's failure never fails another's, except
-that requests sharing a failed pipeline call share its error.
+that requests sharing a failed pipeline call share its error. Each answer is handed out as soon
+as it is final: Triton may queue several 1024x1024 requests into one execute(), which runs them
+one pipeline call after another, and the first should not wait for the last.
 """
 
 from __future__ import annotations
@@ -64,11 +66,26 @@ class Service:
         self.settings = engine.settings
         self.metrics = metrics or Metrics()
 
-    def execute(self, incoming: Sequence[Incoming]) -> list[Answer]:
+    def execute(self, incoming: Sequence[Incoming],
+                on_answer: Callable[[int, Answer], None] | None = None) -> list[Answer]:
+        """Answers `incoming`; `on_answer(index, answer)` runs once per request, as soon as its
+        answer is final (its last pipeline call ended, or it failed). Returns every answer."""
         started = time.perf_counter()
         answers = [Answer() for _ in incoming]
         rows: dict[int, list[tuple[np.ndarray, dict[str, Any]] | None]] = {}
         items: list[_Item] = []
+        settled: set[int] = set()
+
+        def settle(index: int) -> None:
+            answer = answers[index]
+            if index in settled or (answer.error is None and any(r is None for r in rows[index])):
+                return
+            if answer.error is None:
+                answer.outputs = _outputs(rows[index])
+            settled.add(index)
+            if on_answer is not None:
+                on_answer(index, answer)
+
         for index, request in enumerate(incoming):
             try:
                 parsed = parse_request(request.tensors, self.settings.defaults,
@@ -76,6 +93,7 @@ class Service:
                 check_requested_outputs(parsed, request.requested_outputs)
             except RequestError as exc:
                 answers[index].error = ServingError(INVALID_ARG, str(exc))
+                settle(index)
                 continue
             rows[index] = [None] * len(parsed)
             items += [_Item(index, row, r) for row, r in enumerate(parsed)]
@@ -84,6 +102,7 @@ class Service:
             for i in indexes:
                 if answers[i].error is None:
                     answers[i].error = error
+                settle(i)
 
         for call in plan_calls(items, lambda item: item.request.group_key,
                                lambda item: self.settings.limits.images_per_call(
@@ -95,10 +114,9 @@ class Service:
             if call:
                 waited_ms = (time.perf_counter() - started) * 1000
                 self._generate(call, incoming, waited_ms, rows, fail)
+                for index in {item.index for item in call}:
+                    settle(index)
 
-        for index, request_rows in rows.items():
-            if answers[index].error is None:
-                answers[index].outputs = _outputs(request_rows)
         self.metrics.answered([a.error.code if a.error else None for a in answers])
         return answers
 

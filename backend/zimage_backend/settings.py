@@ -92,6 +92,7 @@ class TorchCompile:
     modules: tuple[str, ...]
     fullgraph: bool
     dynamic: bool | None  # None: torch's automatic dynamic shapes after a first recompile
+    attention_in_graph: bool  # false: SDPA runs eagerly between the compiled pieces
 
 
 @dataclasses.dataclass(frozen=True)

@@ -153,3 +153,31 @@ def test_crash_fails_only_its_call_without_leaking_details(engine):
                                      Incoming(PROMPT="c", HEIGHT=96, WIDTH=64)])
     assert [a.error.code if a.error else None for a in answers] == ["INTERNAL", "INTERNAL", None]
     assert answers[0].error.message == "generation failed: RuntimeError"
+
+
+def test_each_request_is_answered_once_as_soon_as_its_call_ends(engine):
+    """Triton may queue several requests into one execute(); each is answered when its own
+    pipeline call ends, before the next call starts, and exactly once."""
+    fake = FailingEngine(engine, fits=1)
+    events = []
+    runs = fake.run
+    fake.run = lambda requests, should_stop=None: (events.append("call"), runs(requests))[1]
+    big = [Incoming(PROMPT=str(i), HEIGHT=1024, WIDTH=1024) for i in range(3)]
+    bad = Incoming(PROMPT="x", HEIGHT=7, WIDTH=64)
+    answers = Service(fake).execute(big + [bad], lambda i, a: events.append(i))
+    # The invalid request is answered before any work; then one answer after each call.
+    assert events == [3, "call", 0, "call", 1, "call", 2]
+    assert [a.error.code if a.error else None for a in answers] == [None, None, None,
+                                                                    "INVALID_ARG"]
+
+
+def test_a_request_of_several_rows_is_answered_after_its_last_row(engine):
+    fake = FailingEngine(engine, fits=4)
+    events = []
+    request = Incoming()
+    request.tensors = {"PROMPT": np.array([[b"a"], [b"b"]], dtype=np.object_),
+                       "HEIGHT": np.array([[1024], [1024]], dtype=np.int32),
+                       "WIDTH": np.array([[1024], [1024]], dtype=np.int32)}
+    [answer] = Service(fake).execute([request], lambda i, a: events.append((i, len(fake.calls))))
+    assert fake.calls == [1, 1] and events == [(0, 2)]
+    assert answer.outputs["IMAGE"].shape == (2, 1)

@@ -51,6 +51,16 @@ def test_fused_transformer_matches_diffusers(pipe):
             (got - expected).abs().max()
 
 
+def test_attention_outside_the_graph_is_the_same_attention(pipe):
+    fused = copy.deepcopy(pipe.transformer)
+    blocks = fusion.fuse_transformer(fused)
+    expected = _forward(fused, 0)
+    assert fusion.set_eager_attention(fused, True) == blocks
+    compiled = torch.compile(fused, backend="eager")  # traces through the disabled call
+    assert torch.equal(_forward(compiled, 0), expected)
+    assert fusion.set_eager_attention(pipe.transformer, True) == 0  # unfused: nothing to set
+
+
 def test_rotary_matches_the_complex_product():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 9, 3, 8, generator=gen, dtype=torch.bfloat16)

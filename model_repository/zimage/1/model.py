@@ -71,24 +71,38 @@ class TritonPythonModel:
         self.service = Service(self.engine, Metrics(pb_utils.MetricFamily, labels))
 
     def execute(self, requests):
+        # Each request is answered through its response sender the moment its answer is final,
+        # so execute() returns None (Python backend >= 24.07 allows this without decoupling).
+        senders = [r.get_response_sender() for r in requests]
+        answered: set[int] = set()
+        incoming: list[_Incoming] = []
+
+        def send(index: int, response) -> None:
+            answered.add(index)
+            senders[index].send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+        def on_answer(index: int, answer) -> None:
+            send(index, self._response(incoming[index], answer))
+
         try:
-            incoming = [_Incoming(r) for r in requests]
-            answers = self.service.execute(incoming)
+            incoming.extend(_Incoming(r) for r in requests)
+            self.service.execute(incoming, on_answer)
         except Exception as exc:  # noqa: BLE001 - every request still gets exactly one answer
             log.exception("execute failed for %d request(s)", len(requests))
             error = _triton_error("INTERNAL", f"internal error: {type(exc).__name__}")
-            return [pb_utils.InferenceResponse(error=error) for _ in requests]
-        responses = []
-        for request, answer in zip(incoming, answers):
-            if answer.error is not None:
-                error = _triton_error(answer.error.code, answer.error.message)
-                responses.append(pb_utils.InferenceResponse(error=error))
-                continue
-            wanted = request.requested_outputs
-            responses.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor(name, array) for name, array in answer.outputs.items()
-                if not wanted or name in wanted]))
-        return responses
+            for index in set(range(len(requests))) - answered:
+                send(index, pb_utils.InferenceResponse(error=error))
+        return None
+
+    @staticmethod
+    def _response(request: _Incoming, answer):
+        if answer.error is not None:
+            return pb_utils.InferenceResponse(
+                error=_triton_error(answer.error.code, answer.error.message))
+        wanted = request.requested_outputs
+        return pb_utils.InferenceResponse([
+            pb_utils.Tensor(name, array) for name, array in answer.outputs.items()
+            if not wanted or name in wanted])
 
     def finalize(self):
         # Triton calls this only after the last execute() has returned, so no work is in flight;
