@@ -10,7 +10,8 @@
 #   memory    the balanced and memory_constrained modes: peak GPU memory and speed
 #   venv      numpy<2 serving venv (wheels carried in .dev/b), perf_analyzer's libraries
 #   serve     our Triton server on GPU 0: cold start, latency, perf_analyzer, warm restart
-#   serve2    the same on every GPU of the machine (scaling), starting from serve's compile cache
+#   serve2    the same on every GPU of the machine (scaling), from the compile cache if any
+#   serve1    serve from that cache without the restart, one request profiled
 #   servefp8  latency through the server with optimizations.fp8 on (GPU 0)
 # SERVE_ARGS adds arguments to the serve steps, e.g. "--set optimizations.tf32=false".
 set -uo pipefail
@@ -63,6 +64,12 @@ for step in "$@"; do
       served -m bench.server --gpus 0 --concurrency 1,2,4,8 --small-concurrency 1,4 \
         --window-requests 12 --compile-cache "$Z/inductor" ${SERVE_ARGS:-} \
         --out "$OUT/server_1gpu.json" ;;
+    serve1)
+      # serve on GPU 0 from serve2's compile cache, one more request profiled: the one-GPU
+      # side of the scaling table on the machine that ran serve2.
+      served -m bench.server --gpus 0 --no-restart --concurrency 1,2,4,8 \
+        --small-concurrency 1,4 --window-requests 12 --compile-cache "$Z/inductor" \
+        --profile ${SERVE_ARGS:-} --out "$OUT/server_1gpu.json" ;;
     serve2)
       served -m bench.server --no-restart --concurrency 1,2,4,8 --window-requests 16 \
         --compile-cache "$Z/inductor" ${SERVE_ARGS:-} --out "$OUT/server_all_gpus.json" ;;

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.common import PROMPT, ROOT, config_with, parse_overrides, stamp, summarize, write_json
+from zimage_backend.engine import PROFILE_ENV
 from zimage_backend.launcher import TritonServer
 from zimage_client import ZImageClient
 
@@ -135,6 +136,8 @@ def main() -> None:
     parser.add_argument("--small-concurrency", default="",
                         help="also load-test 512x512 at these concurrencies (batching)")
     parser.add_argument("--no-restart", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more request after the timed ones, profiled by the instance")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -148,6 +151,8 @@ def main() -> None:
     env = {"TORCHINDUCTOR_CACHE_DIR": str(cache)}
     if args.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = args.gpus
+    if args.profile:  # the call after the first and the timed requests
+        env[PROFILE_ENV] = str(args.repeats + 2)
     result = {"system": "zimage on Triton (gRPC, PNG)", "overrides": overrides,
               "size": args.size, "steps": args.steps, "gpus": args.gpus, **stamp()}
     cold = not (cache.exists() and any(cache.iterdir()))
@@ -160,6 +165,14 @@ def main() -> None:
             print(result["gpu_processes"], flush=True)
         result["latency"] = latency(server, args.size, args.steps, args.repeats)
         print(result["latency"], flush=True)
+        if args.profile:
+            with ZImageClient(server.grpc_url, protocol="grpc", inference_timeout_s=600) as c:
+                c.generate(PROMPT, height=args.size, width=args.size,
+                           num_inference_steps=args.steps)
+            time.sleep(1)  # the log line lands after the answer
+            text = (work / "server_cold.log").read_text(errors="replace")
+            result["served_profile"] = re.findall(r"profile of call .*", text)
+            print(result["served_profile"], flush=True)
         concurrencies = [int(c) for c in args.concurrency.split(",") if c]
         before = images_by_device(server)
         result["perf_analyzer"] = perf_analyzer(server, args.size, concurrencies,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -23,6 +24,10 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# N: the Nth pipeline call after the model is ready runs under torch.profiler and its kernel
+# summary goes to the log. It shows what the GPU did inside the served process, which the
+# in-process benchmarks cannot.
+PROFILE_ENV = "ZIMAGE_PROFILE_CALL"
 
 
 class GenerationCancelled(RuntimeError):
@@ -67,6 +72,7 @@ class Engine:
             # on GPU 0 of a multi-GPU host.
             torch.cuda.set_device(device)
         self.report = optimizations.Report()
+        self._calls, self._profile_call = 0, 0  # counted from ready on, below
         started = time.perf_counter()
         self.pipe = load_pipeline(settings, device, self.dtype)
         opts = settings.optimizations
@@ -86,6 +92,7 @@ class Engine:
                  self.load_seconds, self.warmup_seconds)
         if device.type == "cuda":
             log.info("GPU memory held by the instance on %s: %s", device, self.memory_by_gpu())
+        self._calls, self._profile_call = 0, int(os.environ.get(PROFILE_ENV) or 0)
 
     def memory_by_gpu(self) -> str:
         """Memory this process's allocator holds on every visible GPU: an instance must hold
@@ -180,6 +187,26 @@ class Engine:
         Each image's starting noise comes from its own seed on a CPU generator, so an image is
         the same whether it ran alone or in a batch, and on any device.
         """
+        self._calls += 1
+        if self._calls != self._profile_call:
+            return self._run(requests, should_stop)
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                               if self.device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            result = self._run(requests, should_stop)
+        kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        busy_ms = sum(e.self_device_time_total for e in kernels) / 1000
+        log.info("profile of call %d (%s): kernels %.1f ms of %.1f ms; stages %s; top: %s",
+                 self._calls, self.device, busy_ms, result.timings_ms["compute"],
+                 result.timings_ms, "; ".join(
+                     f"{e.key[:80]} {e.self_device_time_total / 1000:.1f} ms" for e in
+                     sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:8]))
+        return result
+
+    def _run(self, requests: Sequence[GenerationRequest],
+             should_stop: Callable[[], bool] | None) -> BatchResult:
         first = requests[0]
         if any(r.group_key != first.group_key for r in requests):
             raise ValueError("one pipeline call needs one size, step count and guidance")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.e2e.helpers import metadata_of, new_client, send, url_of
 from zimage_client import ZImageClient
 
 pytestmark = pytest.mark.e2e
@@ -76,8 +77,7 @@ def test_same_seed_same_image_over_both_protocols(server):
 
 
 def _burst(client, blocker_size, jobs):
-    """Holds the instance with a slow request, then sends `jobs` so they queue behind it and
-    reach execute() together."""
+    """Holds the instance with a slow request, then sends `jobs` so they queue behind it."""
     started = threading.Event()
 
     def blocker():
@@ -93,17 +93,27 @@ def _burst(client, blocker_size, jobs):
         return [f.result() for f in futures]
 
 
-def test_batched_equals_single(client):
-    jobs = [(f"prompt number {i} " * (i + 1), dict(height=64, width=64, seed=100 + i,
-                                                    output_format="raw")) for i in range(3)]
-    batched = _burst(client, 1024, jobs)
-    assert max(r.metadata["batch_size"] for r in batched) > 1, "the burst was not batched"
-    for (prompt, kwargs), result in zip(jobs, batched):
-        alone = client.generate(prompt, **kwargs)
-        assert alone.metadata["batch_size"] == 1
-        diff = np.abs(alone.pixels.astype(int) - result.pixels.astype(int))
-        # Batched matmuls may round one float bit differently: at most 1 of 255, rarely.
-        assert diff.max() <= 1 and (diff > 0).mean() < 0.005
+def test_rows_of_one_request_batch_and_equal_single_images(server, protocol):
+    """A request may carry several rows: they share one pipeline call, and each image is the
+    one its prompt and seed draw alone."""
+    prompts = [f"prompt number {i} " * (i + 1) for i in range(3)]
+    rows = len(prompts)
+    tensors = [("PROMPT", np.array([[p.encode()] for p in prompts], dtype=np.object_), "BYTES"),
+               ("HEIGHT", np.full((rows, 1), 64, np.int32), "INT32"),
+               ("WIDTH", np.full((rows, 1), 64, np.int32), "INT32"),
+               ("SEED", np.array([[100 + i] for i in range(rows)], np.int64), "INT64"),
+               ("OUTPUT_FORMAT", np.array([[b"raw"]] * rows, dtype=np.object_), "BYTES")]
+    answer = send(new_client(server, protocol), protocol, tensors)
+    assert answer.ok, answer
+    assert [m["batch_size"] for m in metadata_of(answer.outputs)] == [rows] * rows
+    with ZImageClient(url_of(server, protocol), protocol=protocol) as client:
+        for i, prompt in enumerate(prompts):
+            alone = client.generate(prompt, height=64, width=64, seed=100 + i,
+                                    output_format="raw")
+            assert alone.metadata["batch_size"] == 1
+            diff = np.abs(alone.pixels.astype(int) - answer.outputs["PIXELS"][i].astype(int))
+            # Batched matmuls may round one float bit differently: at most 1 of 255, rarely.
+            assert diff.max() <= 1 and (diff > 0).mean() < 0.005
 
 
 def test_mixed_sizes_in_one_burst(client):
