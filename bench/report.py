@@ -28,9 +28,17 @@ def _row(rows: list[dict], switch: str, nth: int = 0) -> dict | None:
     return found[nth] if len(found) > nth else None
 
 
+# Served runs a folder may hold, in the order the main table lists them, and what each shows.
+SERVED = (
+    ("server_1gpu_combining", "Triton combining queued requests, SDPA left to pick"),
+    ("server_1gpu", "one request per execute(), SDPA left to pick"),
+    ("server_cudnn", "cuDNN attention named first; warmup at 1024x1024 only"),
+)
+
+
 def main_table(f: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
     eager, compiled = load(f, "diffusers_eager"), load(f, "diffusers_compiled")
-    engine, ablation, one = load(f, "engine"), load(f, "ablation"), load(f, "server_1gpu")
+    engine, ablation, shapes = load(f, "engine"), load(f, "ablation"), load(f, "shapes")
     rows = []
     if eager:
         rows.append(("diffusers eager, as the model card shows it", "diffusers eager", eager))
@@ -40,6 +48,9 @@ def main_table(f: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
     if engine:
         rows.append(("zimage engine in-process (shipped config, PNG encode included)",
                      "engine in-process", engine))
+    if shapes and shapes["rows"]:
+        rows.append(("zimage engine in-process, warmed up as the server is (PNG included)",
+                     "engine in-process", {**shapes["rows"][0], "commit": shapes["commit"]}))
     if ablation:
         default, fp8 = _row(ablation["rows"], "default"), _row(ablation["rows"], "fp8")
         if default:
@@ -48,18 +59,66 @@ def main_table(f: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
         if fp8:
             rows.append(("zimage engine in-process, FP8 mode (PNG included)",
                          "engine in-process FP8", fp8))
-    if one:
-        rows.append(("**zimage on Triton, gRPC client, PNG returned** (1 GPU, shipped "
-                     "config)", "Triton, gRPC, PNG", {**one["latency"], "date": one["date"]}))
+    for name, note in SERVED:
+        if served := load(f, name):
+            rows.append((f"**zimage on Triton, gRPC client, PNG returned**, 1 GPU: {note}",
+                         f"Triton ({served['commit']})",
+                         {**served["latency"], "commit": served["commit"]}))
     base_eager = eager and eager["median_s"]
     base_compiled = compiled and compiled["median_s"]
-    lines = ["| system | median s | p90 s | first request s | vs diffusers eager | "
-             "vs diffusers compiled |", "|---|---|---|---|---|---|"]
+    lines = ["| system | commit | median s | p90 s | first request s | vs diffusers eager | "
+             "vs diffusers compiled |", "|---|---|---|---|---|---|---|"]
     for label, _, data in rows:
-        lines.append(f"| {label} | {data['median_s']:.3f} | {data['p90_s']:.3f} | "
-                     f"{data['first_s']:.2f} | {ratio(data['median_s'], base_eager)} | "
+        lines.append(f"| {label} | {data.get('commit', '')} | {data['median_s']:.3f} | "
+                     f"{data['p90_s']:.3f} | {data['first_s']:.2f} | "
+                     f"{ratio(data['median_s'], base_eager)} | "
                      f"{ratio(data['median_s'], base_compiled)} |")
+    if eager:
+        lines += ["", f"The baselines ran at commit {eager['commit']}; rows of another commit ran "
+                      "on another machine of the same kind, so their ratios cross machines."]
     return lines, [(label, short, data["median_s"]) for label, short, data in rows]
+
+
+def served_stages(f: Path) -> list[str]:
+    found = [(name, d) for name, _ in SERVED if (d := load(f, name))]
+    if not found:
+        return []
+    keys = list(found[0][1]["latency"]["stage_ms"])
+    lines = ["| run (commit) | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, d in found:
+        stages = d["latency"]["stage_ms"]
+        lines.append(f"| {name} ({d['commit']}) | " +
+                     " | ".join(f"{stages.get(k, 0):.1f}" for k in keys) + " |")
+    for name, d in found:
+        for line in d.get("served_profile", []):
+            lines += ["", f"Inside the server, {name}: {line}"]
+    return lines
+
+
+def shapes_table(shapes: dict) -> list[str]:
+    lines = ["| how the blocks were compiled | median s | denoise ms | GPU kernels ms | wall ms "
+             "| attention kernel (ms) |", "|---|---|---|---|---|---|"]
+    for r in shapes["rows"]:
+        p = r["profile_ms"]
+        top = p.get("top_kernels_ms", {})
+        attention = next(((k, v) for k, v in top.items() if "sdpa" in k or "flash_fwd" in k
+                          or "fmha" in k), None)
+        cell = f"{attention[0][:60]} ({attention[1]})" if attention else "-"
+        lines.append(f"| {r['setting']} | {r['median_s']:.3f} | {r['stage_ms']['denoise']:.1f} "
+                     f"| {p['kernels_ms']:.1f} | {p['wall_ms']:.1f} | {cell} |")
+    return lines
+
+
+def served_batching(f: Path) -> list[str]:
+    lines = ["| run (commit) | concurrency | images/min | avg latency s |", "|---|---|---|---|"]
+    found = False
+    for name, note in SERVED:
+        d = load(f, name)
+        for row in (d or {}).get("perf_analyzer_512", []):
+            found = True
+            lines.append(f"| {note} ({d['commit']}) | {row['concurrency']} | "
+                         f"{row['images_per_min']} | {row['avg_latency_s']} |")
+    return lines if found else []
 
 
 def ablation_table(ablation: dict) -> list[str]:
@@ -97,6 +156,8 @@ def memory_table(f: Path, ablation: dict | None) -> list[str]:
     lines = ["| memory_mode | compile | median s per image | peak GPU memory (allocated) |",
              "|---|---|---|---|"]
     default = ablation and _row(ablation["rows"], "default")
+    shapes = load(f, "shapes")
+    default = default or (shapes and shapes["rows"] and shapes["rows"][0])
     if default:
         lines.append(f"| performance (default) | on | {default['median_s']:.3f} | "
                      f"{default['peak_gib']:.2f} GiB |")
@@ -128,6 +189,10 @@ def scaling(one: dict | None, every: dict | None) -> list[str]:
         lines.append(f"| {c} | {cells[0]} | {cells[1]} |")
     best = [max((r["images_per_min"] for r in (d or {}).get("perf_analyzer", []) if r["ok"]),
                 default=None) for d in (one, every)]
+    if (every or {}).get("images_by_device"):
+        lines += ["", "Images each instance generated during the all-GPU load test: " +
+                  ", ".join(f"{d} {n:.0f}" for d, n in sorted(every["images_by_device"].items()))
+                  + "."]
     if all(best):
         lines += ["", f"Saturation (best of the concurrencies): {best[1]:.1f} against "
                       f"{best[0]:.1f} images/min, {ratio(best[1], best[0])}. Latency at "
@@ -167,16 +232,25 @@ def main() -> None:
              f"Card: {card['name']} ({card.get('memory_gib')} GiB), torch {card.get('torch')}; "
              f"date {first['date'][:10]}; commit {args.commit or first['commit']}.", "",
              f"Command: {args.command}", "", *table]
-    if one:
-        stages = one["latency"]["stage_ms"]
+    if stages := served_stages(f):
         lines += ["", "Where the time goes through Triton (median ms per image, 1 GPU):", "",
-                  "| " + " | ".join(stages) + " |", "|" + "---|" * len(stages),
-                  "| " + " | ".join(f"{v:.1f}" for v in stages.values()) + " |"]
-        if "warm_restart_s" in one:
-            lines += ["", f"Cold start (launch to ready, compile and warmup included): "
-                          f"{one['cold_start_s']:.1f} s; warm restart with the compile cache "
-                          f"kept: {one['warm_restart_s']:.1f} s "
-                          f"({ratio(one['warm_restart_s'], one['cold_start_s'])} of cold)."]
+                  *stages]
+    starts = [(name, d) for name in ("server_1gpu_combining", "server_1gpu", "server_cudnn",
+                                     "server_all_gpus") if (d := load(f, name))]
+    for name, d in starts:
+        if "cold_start_s" in d:
+            line = (f"Cold start of {name} ({d['commit']}, launch to ready, compile and warmup "
+                    f"included): {d['cold_start_s']:.1f} s")
+            if "warm_restart_s" in d:
+                line += (f"; warm restart with the compile cache kept: {d['warm_restart_s']:.1f} s "
+                         f"({ratio(d['warm_restart_s'], d['cold_start_s'])} of cold)")
+            lines += ["", line + "."]
+    if shapes := load(f, "shapes"):
+        lines += ["", "## Compiled shapes, in-process: not what slowed serving (the served attention kernel did)", "",
+                  *shapes_table(shapes)]
+    if batching := served_batching(f):
+        lines += ["", "## Batching through Triton at 512x512 (perf_analyzer's mixed prompts)", "",
+                  *batching]
     if ablation:
         lines += ["", "## Ablation: one switch flipped per row, same process, same GPU", "",
                   *ablation_table(ablation)]

@@ -35,7 +35,6 @@ class FusedAttnProcessor:
     _parallel_config = None
     eager_attention = False  # set by set_eager_attention
 
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  freqs_cis=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -59,8 +58,8 @@ class FusedAttnProcessor:
 
 @torch.compiler.disable
 def _eager_dispatch(*args, **kwargs):
-    """Attention outside torch.compile's graph: SDPA chooses its kernel per call from the real
-    shapes, which code compiled for dynamic shapes cannot."""
+    """Attention outside torch.compile's graph: SDPA chooses its kernel at each call from the
+    real tensors, not once when the graph is traced."""
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
     return dispatch_attention_fn(*args, **kwargs)

@@ -3,8 +3,8 @@
 Triton-free so it can be tested with plain numpy; model.py only converts tensors and errors.
 Every request gets exactly one `Answer`; one request's failure never fails another's, except
 that requests sharing a failed pipeline call share its error. Each answer is handed out as soon
-as it is final: Triton may queue several 1024x1024 requests into one execute(), which runs them
-one pipeline call after another, and the first should not wait for the last.
+as it is final: an execute() of several requests runs them one pipeline call after another, and
+the first should not wait for the last.
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ class Service:
             if answer.error is None:
                 answer.outputs = _outputs(rows[index])
             settled.add(index)
+            # Counted before the answer leaves: a client that reads the metrics next sees it.
+            self.metrics.answered([answer.error.code if answer.error else None])
             if on_answer is not None:
                 on_answer(index, answer)
 
@@ -117,7 +119,6 @@ class Service:
                 for index in {item.index for item in call}:
                     settle(index)
 
-        self.metrics.answered([a.error.code if a.error else None for a in answers])
         return answers
 
     def _generate(self, call: list[_Item], incoming: Sequence[Incoming], waited_ms: float,
