@@ -6,13 +6,13 @@
 #   baselines diffusers eager and compiled, in-process
 #   engine    our engine in-process (stages), then the OOM recovery check
 #   ablation  every switch flipped one at a time in one process, a kernel profile, FP8
-#   shapes    static against dynamic compiled shapes, profiled (why serving was slower)
+#   shapes    static against dynamic compiled shapes, each profiled
 #   memory    the balanced and memory_constrained modes: peak GPU memory and speed
 #   venv      numpy<2 serving venv (wheels carried in .dev/b), perf_analyzer's libraries
 #   serve     our Triton server on GPU 0: cold start, latency, perf_analyzer, warm restart
 #   serve2    the same on every GPU of the machine (scaling), from the compile cache if any
 #   serve1    serve from that cache without the restart, one request profiled
-#   servefp8  latency through the server with optimizations.fp8 on (GPU 0)
+#   servefp8  latency through the server with optimizations.fp8 on (GPU 0; not run yet)
 # SERVE_ARGS adds arguments to the serve steps, e.g. "--set optimizations.tf32=false".
 set -uo pipefail
 Z=${ZIMAGE_GPU_DIR:-/root/zt}

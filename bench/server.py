@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--concurrency", default="1,2,4")
     parser.add_argument("--window-requests", type=int, default=12,
-                        help="answers per perf_analyzer window (three stable windows count)")
+                        help="answers per perf_analyzer window (three windows make a figure)")
     parser.add_argument("--compile-cache", type=Path, default=None,
                         help="Inductor cache to use and keep (default: a fresh one); the "
                         "first start is cold only while it is empty")
@@ -169,7 +169,7 @@ def main() -> None:
             with ZImageClient(server.grpc_url, protocol="grpc", inference_timeout_s=600) as c:
                 c.generate(PROMPT, height=args.size, width=args.size,
                            num_inference_steps=args.steps)
-            time.sleep(1)  # the log line lands after the answer
+            time.sleep(1)  # the stub's log line reaches the server's log file late
             text = (work / "server_cold.log").read_text(errors="replace")
             result["served_profile"] = re.findall(r"profile of call .*", text)
             print(result["served_profile"], flush=True)
