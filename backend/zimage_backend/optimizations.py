@@ -160,6 +160,10 @@ def select_attention_backend(pipe, opts: Optimizations, report: Report,
             reasons.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             continue
         detail = name + (f" (fell back past {'; '.join(reasons)})" if reasons else "")
+        if torch.cuda.is_available():
+            # SDPA's own pick depends on the cuDNN this process loaded: the Triton stub's
+            # picked FlashAttention-2 where a plain process picked cuDNN.
+            detail += f"; cuDNN {torch.backends.cudnn.version()} loaded"
         report.add("attention_backend", "fallback" if reasons else "applied", detail)
         return name
     raise RuntimeError("no attention backend works: " + "; ".join(reasons))
