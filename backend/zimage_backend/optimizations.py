@@ -161,8 +161,8 @@ def select_attention_backend(pipe, opts: Optimizations, report: Report,
             continue
         detail = name + (f" (fell back past {'; '.join(reasons)})" if reasons else "")
         if torch.cuda.is_available():
-            # SDPA's own pick depends on the cuDNN this process loaded: the Triton stub's
-            # picked FlashAttention-2 where a plain process picked cuDNN.
+            # Left to pick, SDPA chose FlashAttention-2 in the Triton stub and cuDNN in a plain
+            # process, for a reason not yet found; the cuDNN each process loaded is one suspect.
             detail += f"; cuDNN {torch.backends.cudnn.version()} loaded"
         report.add("attention_backend", "fallback" if reasons else "applied", detail)
         return name
