@@ -182,6 +182,22 @@ def scrape(server) -> dict[tuple[str, frozenset], float]:
     return samples
 
 
+def settled_scrape(server, timeout_s: float = 10.0) -> dict[tuple[str, frozenset], float]:
+    """A scrape once Triton's request counters stop moving. An answer leaves through its response
+    sender before execute() returns, and Triton counts the request only then, so its count may
+    trail the answer by a moment."""
+    counters = ("nv_inference_request_success", "nv_inference_request_failure",
+                "nv_inference_count", "zimage_images_generated_total")
+    previous, deadline = scrape(server), time.monotonic() + timeout_s
+    while True:
+        time.sleep(0.3)
+        current = scrape(server)
+        if time.monotonic() > deadline or all(
+                metric(current, name) == metric(previous, name) for name in counters):
+            return current
+        previous = current
+
+
 def metric(samples, name: str, **labels: str) -> float:
     """The sum of `name` over all label sets that include `labels` (0 when absent)."""
     wanted = set(labels.items())

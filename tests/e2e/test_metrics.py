@@ -9,7 +9,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.e2e.helpers import metric, new_client, scrape, send
+from tests.e2e.helpers import metric, new_client, send, settled_scrape
 from zimage_backend.metrics import STAGE_BUCKETS_MS, STAGES
 from zimage_client import InvalidRequestError, ZImageClient
 
@@ -33,7 +33,7 @@ def _histogram_ok(samples, name: str, **labels: str) -> None:
 
 
 def test_metrics_after_traffic(server, tally):
-    before = scrape(server)
+    before = settled_scrape(server)
     with ZImageClient(server.grpc_url, protocol="grpc", inference_timeout_s=60) as c:
         for height, width in SIZES:
             c.generate("metrics", height=height, width=width, num_inference_steps=1)
@@ -46,7 +46,7 @@ def test_metrics_after_traffic(server, tally):
                                    ("HEIGHT", np.array([[64.0]], np.float32), "FP32")])
     client.close()
     assert answer.status == "400"
-    after = scrape(server)
+    after = settled_scrape(server)
     tally.count("metrics", "ok", sent=3, answered=3)
     tally.count("metrics", "INVALID_ARG", sent=3, answered=3)
 
