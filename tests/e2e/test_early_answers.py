@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.e2e.helpers import url_of
 from zimage_client import AsyncZImageClient
 
 pytestmark = pytest.mark.e2e
@@ -26,7 +27,7 @@ async def _timed(client: AsyncZImageClient, prompt: str, size: int, steps: int):
 
 
 def test_queued_requests_are_answered_one_by_one_as_each_finishes(server, protocol):
-    url = server.grpc_url if protocol == "grpc" else server.http_url
+    url = url_of(server, protocol)
 
     async def scenario():
         async with AsyncZImageClient(url, protocol=protocol, inference_timeout_s=120) as client:
