@@ -27,7 +27,7 @@ import torch
 from bench.common import PROMPT, Timer, config_with, stamp, summarize, write_json
 from zimage_backend import float8, fusion
 from zimage_backend.encoding import encode_image
-from zimage_backend.engine import Engine
+from zimage_backend.engine import Engine, kernel_times_ms
 from zimage_backend.request import GenerationRequest
 from zimage_backend.settings import load_settings
 
@@ -197,12 +197,11 @@ def profile(bench: Bench, path: Path, top_kernels: int = 0) -> dict:
              "convolution": ("conv", "implicit", "winograd"),
              "triton (fused elementwise)": ("triton_",)}
     totals = {k: 0.0 for k in kinds} | {"other": 0.0}
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    for event in events:
-        name = event.key.lower()
-        kind = next((k for k, needles in kinds.items() if any(n in name for n in needles)),
-                    "other")
-        totals[kind] += event.self_device_time_total / 1000
+    kernels = kernel_times_ms(prof)
+    for name, ms in kernels:
+        kind = next((k for k, needles in kinds.items()
+                     if any(n in name.lower() for n in needles)), "other")
+        totals[kind] += ms
     busy = sum(totals.values())
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,10 +209,9 @@ def profile(bench: Bench, path: Path, top_kernels: int = 0) -> dict:
     summary = {k: round(v, 1) for k, v in totals.items()} | {
         "kernels_ms": round(busy, 1), "wall_ms": round(wall.seconds * 1000, 1)}
     print("profile (ms):", summary, flush=True)
-    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:top_kernels]
-    if top:
-        summary["top_kernels_ms"] = {e.key[:120]: round(e.self_device_time_total / 1000, 1)
-                                     for e in top}
+    if top_kernels and kernels:
+        summary["top_kernels_ms"] = {name[:120]: round(ms, 1)
+                                     for name, ms in kernels[:top_kernels]}
     return summary
 
 

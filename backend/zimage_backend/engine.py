@@ -30,6 +30,13 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 PROFILE_ENV = "ZIMAGE_PROFILE_CALL"
 
 
+def kernel_times_ms(prof) -> list[tuple[str, float]]:
+    """(kernel name, GPU ms) of a finished torch.profiler run, longest first."""
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    return sorted(((e.key, e.self_device_time_total / 1000) for e in kernels),
+                  key=lambda kernel: kernel[1], reverse=True)
+
+
 class GenerationCancelled(RuntimeError):
     """Every request of the running batch was cancelled; the batch stopped between steps."""
 
@@ -196,13 +203,11 @@ class Engine:
                                                if self.device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             result = self._run(requests, should_stop)
-        kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-        busy_ms = sum(e.self_device_time_total for e in kernels) / 1000
+        kernels = kernel_times_ms(prof)
         log.info("profile of call %d (%s): kernels %.1f ms of %.1f ms; stages %s; top: %s",
-                 self._calls, self.device, busy_ms, result.timings_ms["compute"],
-                 result.timings_ms, "; ".join(
-                     f"{e.key[:80]} {e.self_device_time_total / 1000:.1f} ms" for e in
-                     sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:8]))
+                 self._calls, self.device, sum(ms for _, ms in kernels),
+                 result.timings_ms["compute"], result.timings_ms,
+                 "; ".join(f"{name[:80]} {ms:.1f} ms" for name, ms in kernels[:8]))
         return result
 
     def _run(self, requests: Sequence[GenerationRequest],
