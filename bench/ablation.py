@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import PROMPT, Timer, config_with, stamp, summarize, write_json
+from bench.common import (PROMPT, Timer, config_with, deviation, stamp, summarize,
+                          write_json)
 from zimage_backend import float8, fusion
 from zimage_backend.encoding import encode_image
 from zimage_backend.engine import Engine, kernel_times_ms
@@ -175,15 +176,6 @@ def _attention(engine: Engine, backend: str):
                       lambda: transformer.set_attention_backend(engine.attention_backend))
 
 
-def _deviation(test: list[np.ndarray], reference: list[np.ndarray]) -> dict[str, float]:
-    a = np.stack(test).astype(np.float64)
-    b = np.stack(reference).astype(np.float64)
-    mse = float(np.mean((a - b) ** 2))
-    return {"mean_abs_of_255": round(float(np.mean(np.abs(a - b))), 3),
-            "psnr_db": round(10 * np.log10(255**2 / mse), 2) if mse else float("inf"),
-            "relative_l2": round(float(np.linalg.norm(a - b) / np.linalg.norm(b)), 5)}
-
-
 def profile(bench: Bench, path: Path, top_kernels: int = 0) -> dict:
     """Kernel time by kind for one image, how busy the GPU was over the image, and the
     `top_kernels` kernels that took longest."""
@@ -295,7 +287,7 @@ def main() -> None:
     if float8.supported(engine.device) is None:
         count = float8.quantize_transformer(engine.pipe.transformer)
         fp8_images = bench.measure("fp8", "on", f"{count} linear layers in float8")
-        extra["fp8_deviation"] = _deviation(fp8_images, reference)
+        extra["fp8_deviation"] = deviation(fp8_images, reference)
         print("fp8 deviation from bf16, same seeds:", extra["fp8_deviation"], flush=True)
         if args.profile:
             extra["fp8_profile_ms"] = profile(bench, args.profile.with_suffix(".fp8.txt"))

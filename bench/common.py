@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +24,16 @@ def summarize(seconds: list[float]) -> dict[str, float]:
     p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
     return {"median_s": round(statistics.median(ordered), 4), "p90_s": round(p90, 4),
             "min_s": round(ordered[0], 4), "n": len(ordered)}
+
+
+def deviation(test: list[np.ndarray], reference: list[np.ndarray]) -> dict[str, float]:
+    """How far images are from reference images of the same seeds (uint8 pixels)."""
+    a = np.stack(test).astype(np.float64)
+    b = np.stack(reference).astype(np.float64)
+    mse = float(np.mean((a - b) ** 2))
+    return {"mean_abs_of_255": round(float(np.mean(np.abs(a - b))), 3),
+            "psnr_db": round(10 * np.log10(255**2 / mse), 2) if mse else float("inf"),
+            "relative_l2": round(float(np.linalg.norm(a - b) / np.linalg.norm(b)), 5)}
 
 
 def card() -> dict[str, Any]:

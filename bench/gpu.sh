@@ -4,6 +4,8 @@
 # part; results land in $OUT (or bench/results/raw).
 #   setup     unpack the Triton tarball and wheels carried in .dev/a   (see bench/README.md)
 #   baselines diffusers eager and compiled, in-process
+#   floor     the card's speed on the transformer's matrix work alone (GEMM, attention)
+#   graphs    our engine in-process with and without the text encoder's CUDA graphs
 #   engine    our engine in-process (stages), then the OOM recovery check
 #   ablation  every switch flipped one at a time in one process, a kernel profile, FP8
 #   shapes    static against dynamic compiled shapes, each profiled
@@ -12,7 +14,8 @@
 #   serve     our Triton server on GPU 0: cold start, latency, perf_analyzer, warm restart
 #   serve2    the same on every GPU of the machine (scaling), from the compile cache if any
 #   serve1    serve from that cache without the restart, one request profiled
-#   servefp8  latency through the server with optimizations.fp8 on (GPU 0; not run yet)
+#   servefp8  latency through the server with optimizations.fp8 on (GPU 0), and the
+#             deviation of its images from serve's bf16 images of the same seeds
 # SERVE_ARGS adds arguments to the serve steps, e.g. "--set optimizations.tf32=false".
 set -uo pipefail
 Z=${ZIMAGE_GPU_DIR:-/root/zt}
@@ -34,6 +37,12 @@ for step in "$@"; do
     baselines)
       inproc -m bench.baselines --variant eager --out "$OUT/diffusers_eager.json"
       inproc -m bench.baselines --variant compiled --out "$OUT/diffusers_compiled.json" ;;
+    floor)
+      inproc -m bench.floor --out "$OUT/floor.json" ;;
+    graphs)
+      inproc -m bench.engine --set 'optimizations.torch_compile.cuda_graphs=[]' \
+        --out "$OUT/engine_no_graphs.json"
+      inproc -m bench.engine --out "$OUT/engine.json" ;;
     engine)
       inproc -m bench.engine --out "$OUT/engine.json"
       inproc -m bench.oom_check --out "$OUT/oom.json" ;;
@@ -63,7 +72,7 @@ for step in "$@"; do
       rm -rf "$Z/inductor"
       served -m bench.server --gpus 0 --concurrency 1,2,4,8 --small-concurrency 1,4 \
         --window-requests 12 --compile-cache "$Z/inductor" ${SERVE_ARGS:-} \
-        --out "$OUT/server_1gpu.json" ;;
+        --save-images "$Z/bf16_images.npz" --out "$OUT/server_1gpu.json" ;;
     serve1)
       # serve on GPU 0 from serve2's compile cache, one more request profiled: the one-GPU
       # side of the scaling table on the machine that ran serve2.
@@ -75,7 +84,7 @@ for step in "$@"; do
         --compile-cache "$Z/inductor" ${SERVE_ARGS:-} --out "$OUT/server_all_gpus.json" ;;
     servefp8)
       served -m bench.server --gpus 0 --no-restart --concurrency "" --set optimizations.fp8=true \
-        ${SERVE_ARGS:-} --out "$OUT/server_fp8.json" ;;
+        --compare-images "$Z/bf16_images.npz" ${SERVE_ARGS:-} --out "$OUT/server_fp8.json" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

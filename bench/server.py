@@ -20,7 +20,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.common import PROMPT, ROOT, config_with, parse_overrides, stamp, summarize, write_json
+import numpy as np
+
+from bench.common import (PROMPT, ROOT, config_with, deviation, parse_overrides, stamp,
+                          summarize, write_json)
 from zimage_backend.engine import PROFILE_ENV
 from zimage_backend.launcher import TritonServer
 from zimage_client import ZImageClient
@@ -55,7 +58,7 @@ def latency(server: TritonServer, size: int, steps: int, repeats: int) -> dict:
     overhead = [s * 1000 - m for s, m in zip(totals, server_ms)]
     stages["triton_and_transport"] = round(statistics.median(overhead), 2)
     return {"first_s": round(first_s, 3), **summarize(totals), "stage_ms": stages,
-            "weights": runs[0][1].metadata.get("weights")}
+            "weights": runs[0][1].metadata.get("weights")}, [r.pixels for _, r in runs]
 
 
 def gpu_processes(log_file: Path) -> dict:
@@ -138,6 +141,11 @@ def main() -> None:
     parser.add_argument("--no-restart", action="store_true")
     parser.add_argument("--profile", action="store_true",
                         help="one more request after the timed ones, profiled by the instance")
+    parser.add_argument("--save-images", type=Path, default=None,
+                        help="an .npz of the timed images (seeds 1..repeats)")
+    parser.add_argument("--compare-images", type=Path, default=None,
+                        help="another run's --save-images: the deviation of this run's images "
+                        "from those of the same seeds (FP8 against bf16)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -163,8 +171,19 @@ def main() -> None:
         if args.load_format != "tiny":
             result["gpu_processes"] = gpu_processes(work / "server_cold.log")
             print(result["gpu_processes"], flush=True)
-        result["latency"] = latency(server, args.size, args.steps, args.repeats)
+        result["latency"], images = latency(server, args.size, args.steps, args.repeats)
         print(result["latency"], flush=True)
+        if args.save_images:  # seeds 1..repeats, for another run's --compare-images
+            args.save_images.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(args.save_images, *images)
+        if args.compare_images:
+            with np.load(args.compare_images) as saved:
+                reference = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+            n = min(len(reference), len(images))
+            result["deviation_from_reference"] = {
+                "reference": str(args.compare_images), "images": n,
+                **deviation(images[:n], reference[:n])}
+            print("deviation", result["deviation_from_reference"], flush=True)
         if args.profile:
             with ZImageClient(server.grpc_url, protocol="grpc", inference_timeout_s=600) as c:
                 c.generate(PROMPT, height=args.size, width=args.size,

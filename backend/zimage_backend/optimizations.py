@@ -169,27 +169,37 @@ def select_attention_backend(pipe, opts: Optimizations, report: Report,
     raise RuntimeError("no attention backend works: " + "; ".join(reasons))
 
 
-def apply_compile(pipe, opts: Optimizations, device: torch.device, report: Report) -> None:
+def apply_compile(pipe, opts: Optimizations, device: torch.device,
+                  report: Report) -> frozenset[str]:
+    """Compiles the modules config.yaml names; returns those that replay CUDA graphs."""
     compile_opts = opts.torch_compile
     if not compile_opts.enabled:
         report.add("torch_compile", "off")
-        return
+        return frozenset()
     if device.type != "cuda":
         report.add("torch_compile", "skipped", "needs CUDA; this instance runs on the CPU")
-        return
+        return frozenset()
     if opts.memory_mode == "memory_constrained":
         # Offload hooks on every layer break the compiled graphs at each of them.
         report.add("torch_compile", "skipped", "memory_mode memory_constrained streams weights "
                    "per layer")
-        return
+        return frozenset()
     # Every block of the transformer (and every text-encoder layer) shares one code object, and
     # each block kind, batch size, caption length and image size adds a compiled variant. Past
     # torch's default limit of 8 the blocks silently run eagerly: measured on an H200, denoising
     # went from 770 to 1340 ms.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    kwargs = dict(mode=compile_opts.mode, fullgraph=compile_opts.fullgraph,
-                  dynamic=compile_opts.dynamic)
-    done = []
+    done, graphed = [], set()
+
+    def kwargs_for(module: str) -> dict:
+        # A CUDA graph replays a module's kernels in one launch: for a launch-bound module (a
+        # short prompt through the text encoder's 36 layers) the CPU stops setting the pace.
+        graphs = module in compile_opts.cuda_graphs
+        if graphs:
+            graphed.add(module)
+        return dict(mode="reduce-overhead" if graphs else compile_opts.mode,
+                    fullgraph=compile_opts.fullgraph, dynamic=compile_opts.dynamic)
+
     if not compile_opts.attention_in_graph:
         if fusion.set_eager_attention(pipe.transformer, True):
             done.append("attention outside the graph")
@@ -200,10 +210,10 @@ def apply_compile(pipe, opts: Optimizations, device: torch.device, report: Repor
         if module == "transformer":
             # Compiling the repeated block once compiles in seconds what a whole-model compile
             # takes minutes for, at the same speed (diffusers' regional compilation).
-            pipe.transformer.compile_repeated_blocks(**kwargs)
+            pipe.transformer.compile_repeated_blocks(**kwargs_for(module))
             done.append("transformer (repeated blocks)")
         elif module == "vae_decoder":
-            pipe.vae.decoder.compile(**kwargs)
+            pipe.vae.decoder.compile(**kwargs_for(module))
             done.append("vae_decoder")
         elif module == "text_encoder":
             if opts.memory_mode != "performance":
@@ -214,7 +224,10 @@ def apply_compile(pipe, opts: Optimizations, device: torch.device, report: Repor
             # caches that need not be traced. A short prompt's encode is launch-bound.
             encoder = pipe.text_encoder
             layers = encoder.layers if hasattr(encoder, "layers") else encoder.model.layers
+            layer_kwargs = kwargs_for(module)
             for layer in layers:
-                layer.compile(**kwargs)
+                layer.compile(**layer_kwargs)
             done.append("text_encoder (decoder layers)")
-    report.add("torch_compile", "applied", f"{', '.join(done)}; mode={compile_opts.mode}")
+    graphs = f"; CUDA graphs: {', '.join(sorted(graphed))}" if graphed else ""
+    report.add("torch_compile", "applied", f"{', '.join(done)}; mode={compile_opts.mode}{graphs}")
+    return frozenset(graphed)

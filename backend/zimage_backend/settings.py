@@ -20,6 +20,9 @@ DTYPES = ("bfloat16", "float16", "float32")
 OUTPUT_FORMATS = ("png", "jpeg", "webp", "raw")
 ATTENTION_BACKENDS = ("_flash_3", "flash", "_native_cudnn", "_native_flash", "native")
 COMPILE_MODULES = ("transformer", "vae_decoder", "text_encoder")
+# The engine marks each text encode as a new graph run and copies out what it keeps; the other
+# modules' outputs would be overwritten by their next replay within one pipeline call.
+CUDA_GRAPH_MODULES = ("text_encoder",)
 MEMORY_MODES = ("performance", "balanced", "memory_constrained")
 PROMPT_PADDING = ("longest", "max_length")
 
@@ -93,6 +96,7 @@ class TorchCompile:
     fullgraph: bool
     dynamic: bool | None  # None: torch's automatic dynamic shapes after a first recompile
     attention_in_graph: bool  # false: SDPA runs eagerly between the compiled pieces
+    cuda_graphs: tuple[str, ...]  # compiled modules that replay CUDA graphs (reduce-overhead)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +146,11 @@ class Settings:
             raise SettingsError("optimizations.attention_backends: give at least one backend")
         for name in o.torch_compile.modules:
             _one_of("optimizations.torch_compile.modules[]", name, COMPILE_MODULES)
+        for name in o.torch_compile.cuda_graphs:
+            _one_of("optimizations.torch_compile.cuda_graphs[]", name, CUDA_GRAPH_MODULES)
+            if name not in o.torch_compile.modules:
+                raise SettingsError(f"optimizations.torch_compile.cuda_graphs: {name!r} is not "
+                                    "compiled; add it to optimizations.torch_compile.modules")
         if lim.min_size % 16 or lim.max_size % 16 or not 16 <= lim.min_size <= lim.max_size:
             raise SettingsError(
                 f"limits.min_size/max_size: {lim.min_size}/{lim.max_size}; both must be multiples "

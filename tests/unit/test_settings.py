@@ -45,6 +45,8 @@ def test_missing_key_is_named(data):
     (("limits", "max_steps"), 2.5, "limits.max_steps: expected an integer"),
     (("defaults", "height"), 4096, "defaults or warmup break the limits: HEIGHT"),
     (("optimizations", "warmup", "sizes"), [[100, 64]], "defaults or warmup break the limits"),
+    (("optimizations", "torch_compile", "cuda_graphs"), ["transformer"],
+     "cuda_graphs.*'transformer' is not one of text_encoder"),
 ])
 def test_bad_values_are_rejected(data, path, value, message):
     data = copy.deepcopy(data)
@@ -63,3 +65,11 @@ def test_weights_label_marks_random_weights(settings):
         model = dataclasses.replace(settings.model, load_format=fmt)
         assert model.random_weights is random
         assert model.weights_label.startswith("random") is random
+
+
+def test_cuda_graphs_need_the_module_compiled(data):
+    data["optimizations"]["torch_compile"]["modules"] = ["transformer"]
+    data["optimizations"]["torch_compile"]["cuda_graphs"] = ["text_encoder"]
+    with pytest.raises(SettingsError, match="'text_encoder' is not compiled; add it to "
+                       r"optimizations.torch_compile.modules"):
+        parse_settings(data)
