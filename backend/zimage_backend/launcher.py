@@ -139,6 +139,30 @@ def prepare_backend_dir(dist: Path, cache_dir: Path) -> Path:
     return cache_dir / "backends"
 
 
+def prepare_libpython_dir(cache_dir: Path) -> Path | None:
+    """A folder holding only this interpreter's libpython (a symlink), for the stub's
+    LD_LIBRARY_PATH; None when the interpreter has no shared libpython.
+
+    Not LIBDIR itself: on a system Python that is /usr/lib/x86_64-linux-gnu, and first on the
+    path it also hands torch the system's libraries by soname. On an H100 machine, torch then
+    loaded the system's cuDNN 9.14 instead of its bundled 9.19: SDPA chose FlashAttention-2
+    over cuDNN attention (76 ms slower per image), and asking torch the cuDNN version failed.
+    """
+    name = sysconfig.get_config_var("INSTSONAME")
+    source = Path(sysconfig.get_config_var("LIBDIR") or "") / (name or "")
+    if not name or not source.is_file():
+        return None
+    target = cache_dir / "libpython"
+    target.mkdir(parents=True, exist_ok=True)
+    link = target / name
+    if not (link.is_symlink() and link.resolve() == source.resolve()):
+        tmp = target / f".{name}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(source)
+        os.replace(tmp, link)
+    return target
+
+
 # Loaded before any fork: the child between fork and exec should do as little as possible.
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 _PR_SET_PDEATHSIG = 1
@@ -260,10 +284,10 @@ class TritonServer:
         env = dict(os.environ if base is None else base)
         if self._wheel_dist is not None:
             # The stub links libpython3.X.so.1.0 and our copies lost their RPATH to the
-            # wheel's libs; this interpreter's LIBDIR must win over the system libpython
+            # wheel's libs; this interpreter's libpython must win over the system's
             # (an older Debian copy breaks `import ssl` in the model).
-            libdir = sysconfig.get_config_var("LIBDIR")
-            parts = [p for p in (libdir, str(self._wheel_dist.parent.parent / "nvidia_pytriton.libs")) if p]
+            libpython = prepare_libpython_dir(self._cache_dir or default_cache_dir(self._wheel_dist))
+            parts = [str(p) for p in (libpython, self._wheel_dist.parent.parent / "nvidia_pytriton.libs") if p]
             parts += [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p not in parts]
             env["LD_LIBRARY_PATH"] = os.pathsep.join(parts)
         if sys.prefix != sys.base_prefix:

@@ -150,17 +150,26 @@ def test_backend_dir_has_backend_and_this_pythons_stub(tmp_path: Path) -> None:
 
 
 @needs_wheel
-def test_env_puts_interpreter_libdir_before_wheel_libs(tmp_path: Path, config_file: Path) -> None:
+def test_env_puts_interpreter_libpython_alone_before_wheel_libs(tmp_path: Path,
+                                                                config_file: Path) -> None:
     assert DIST is not None
     server = TritonServer(
-        tmp_path, config_path=config_file, http_port=0, extra_env={"FOO": "bar"}
+        tmp_path, config_path=config_file, http_port=0, extra_env={"FOO": "bar"},
+        cache_dir=tmp_path / "cache",
     )
     env = server.build_env({"LD_LIBRARY_PATH": "/opt/user/lib", "PATH": "/usr/bin"})
     parts = env["LD_LIBRARY_PATH"].split(os.pathsep)
-    libdir = sysconfig.get_config_var("LIBDIR")
     wheel_libs = str(DIST.resolve().parent.parent / "nvidia_pytriton.libs")
     assert Path(wheel_libs).is_dir()
-    assert parts.index(libdir) < parts.index(wheel_libs) < parts.index("/opt/user/lib")
+    # The interpreter's libpython, and nothing else of its LIBDIR (a system lib folder there
+    # would hand torch the system's cuDNN).
+    name = sysconfig.get_config_var("INSTSONAME")
+    libpython = Path(parts[0])
+    assert [p.name for p in libpython.iterdir()] == [name]
+    assert (libpython / name).resolve() == \
+        (Path(sysconfig.get_config_var("LIBDIR")) / name).resolve()
+    assert sysconfig.get_config_var("LIBDIR") not in parts
+    assert parts.index(wheel_libs) == 1 and parts[2] == "/opt/user/lib"
     assert env["ZIMAGE_CONFIG"] == str(config_file.resolve())
     assert env["FOO"] == "bar"
     if sys.prefix != sys.base_prefix:
