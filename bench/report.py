@@ -28,12 +28,24 @@ def _row(rows: list[dict], switch: str, nth: int = 0) -> dict | None:
     return found[nth] if len(found) > nth else None
 
 
-# Served runs a folder may hold, in the order the main table lists them, and what each shows.
+# Served runs a folder may hold, in the order the main table lists them. Two names kept from
+# earlier runs say what their config was; the others are labelled by their commit and overrides.
 SERVED = (
     ("server_1gpu_combining", "Triton combining queued requests, SDPA left to pick"),
-    ("server_1gpu", "one request per execute(), SDPA left to pick"),
+    ("server_1gpu", None),
     ("server_cudnn", "cuDNN attention named first; warmup at 1024x1024 only"),
+    ("server_native", None),
+    ("server_fp8", None),
 )
+
+
+def served_label(name: str, data: dict) -> str:
+    note = dict(SERVED).get(name)
+    if note:
+        return note
+    changed = [f"`{k}: {v}`" for k, v in data.get("overrides", {}).items()
+               if k != "model.load_format"]
+    return f"config.yaml of {data['commit']}" + (f" with {', '.join(changed)}" if changed else "")
 
 
 def main_table(f: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
@@ -55,14 +67,16 @@ def main_table(f: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
         default, fp8 = _row(ablation["rows"], "default"), _row(ablation["rows"], "fp8")
         if default:
             rows.append(("zimage engine in-process, bf16 (one fixed prompt: static shapes; "
-                         "PNG included)", "engine in-process bf16", default))
+                         "PNG included)", "engine in-process bf16",
+                         {**default, "commit": ablation["commit"]}))
         if fp8:
             rows.append(("zimage engine in-process, FP8 mode (PNG included)",
-                         "engine in-process FP8", fp8))
-    for name, note in SERVED:
+                         "engine in-process FP8", {**fp8, "commit": ablation["commit"]}))
+    for name, _ in SERVED:
         if served := load(f, name):
-            rows.append((f"**zimage on Triton, gRPC client, PNG returned**, 1 GPU: {note}",
-                         f"Triton ({served['commit']})",
+            rows.append((f"**zimage on Triton, gRPC client, PNG returned**, 1 GPU: "
+                         f"{served_label(name, served)}",
+                         "Triton FP8" if name == "server_fp8" else f"Triton ({served['commit']})",
                          {**served["latency"], "commit": served["commit"]}))
     base_eager = eager and eager["median_s"]
     base_compiled = compiled and compiled["median_s"]
@@ -73,9 +87,16 @@ def main_table(f: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
                      f"{data['p90_s']:.3f} | {data['first_s']:.2f} | "
                      f"{ratio(data['median_s'], base_eager)} | "
                      f"{ratio(data['median_s'], base_compiled)} |")
-    if eager:
+    if eager and any(data.get("commit") != eager["commit"] for _, _, data in rows):
         lines += ["", f"The baselines ran at commit {eager['commit']}; rows of another commit ran "
                       "on another machine of the same kind, so their ratios cross machines."]
+    for name in ("server_fp8", "server_native"):
+        if (d := load(f, name)) and d.get("deviation_from_reference"):
+            dev = d["deviation_from_reference"]
+            lines += ["", f"{served_label(name, d)}: its {dev['images']} timed images against "
+                          f"the bf16 images of the same seeds from server_1gpu: mean absolute "
+                          f"difference {dev['mean_abs_of_255']} of 255, PSNR {dev['psnr_db']} dB, "
+                          f"relative L2 {dev['relative_l2']}."]
     return lines, [(label, short, data["median_s"]) for label, short, data in rows]
 
 
@@ -112,13 +133,46 @@ def shapes_table(shapes: dict) -> list[str]:
 def served_batching(f: Path) -> list[str]:
     lines = ["| run (commit) | concurrency | images/min | avg latency s |", "|---|---|---|---|"]
     found = False
-    for name, note in SERVED:
+    for name, _ in SERVED:
         d = load(f, name)
         for row in (d or {}).get("perf_analyzer_512", []):
             found = True
-            lines.append(f"| {note} ({d['commit']}) | {row['concurrency']} | "
+            lines.append(f"| {served_label(name, d)} ({d['commit']}) | {row['concurrency']} | "
                          f"{row['images_per_min']} | {row['avg_latency_s']} |")
     return lines if found else []
+
+
+def floor_table(floor: dict, served: dict | None) -> list[str]:
+    """The matrix work of one image, kernel by kernel, against what the server spent."""
+    lines = ["| block | op | shape | ms each | TFLOP/s | per forward |", "|---|---|---|---|---|---|"]
+    for r in floor["rows"]:
+        shape = f"{r['m']}x{r['k']} by {r['k']}x{r['n']}" if "m" in r else f"sequence {r['seq']}"
+        lines.append(f"| {r['block']} | {r['op']} | {shape} | {r['ms']:.3f} | {r['tflops']} | "
+                     f"{r['per_forward']} |")
+    per = floor["per_image_ms"]
+    lines += ["", f"Per image ({floor['steps']} forwards, caption {floor['caption_tokens']} "
+                  f"tokens): products {per['gemm']} ms, cuDNN attention {per['attention_cudnn']} "
+                  f"ms (FlashAttention-2 {per['attention_flash']} ms); products and the faster "
+                  f"attention {per['gemm_plus_best_attention']} ms. The card's 8192-cubed bf16 "
+                  f"product runs at {floor['peak_bf16_tflops_8192']} TFLOP/s."]
+    if served:
+        name, served = served
+        total = served["latency"]["median_s"] * 1000
+        lines += ["", f"Served end to end, {name} took {total:.0f} ms per image; "
+                      f"{total - per['gemm_plus_best_attention']:.0f} ms of it is everything "
+                      "but these kernels at this speed (norms, RoPE, gating, text encoder, VAE, "
+                      "PNG, transport, idle GPU)."]
+    return lines
+
+
+def graphs_table(off: dict, on: dict) -> list[str]:
+    lines = ["| text encoder | median s | text_encode ms | denoise ms | VAE ms | PNG ms |",
+             "|---|---|---|---|---|---|"]
+    for label, d in (("compiled, no CUDA graphs", off), ("compiled, CUDA graphs", on)):
+        st = d["stage_ms"]
+        lines.append(f"| {label} | {d['median_s']:.3f} | {st['text_encode']:.1f} | "
+                     f"{st['denoise']:.1f} | {st['vae_decode']:.1f} | {st['image_encode']:.1f} |")
+    return lines
 
 
 def ablation_table(ablation: dict) -> list[str]:
@@ -236,7 +290,7 @@ def main() -> None:
         lines += ["", "Where the time goes through Triton (median ms per image, 1 GPU):", "",
                   *stages]
     starts = [(name, d) for name in ("server_1gpu_combining", "server_1gpu", "server_cudnn",
-                                     "server_all_gpus") if (d := load(f, name))]
+                                     "server_fp8", "server_all_gpus") if (d := load(f, name))]
     for name, d in starts:
         if "cold_start_s" in d:
             line = (f"Cold start of {name} ({d['commit']}, launch to ready, compile and warmup "
@@ -245,6 +299,13 @@ def main() -> None:
                 line += (f"; warm restart with the compile cache kept: {d['warm_restart_s']:.1f} s "
                          f"({ratio(d['warm_restart_s'], d['cold_start_s'])} of cold)")
             lines += ["", line + "."]
+    if floor := load(f, "floor"):
+        lines += ["", "## The matrix work alone: each kernel timed by itself on the card", "",
+                  *floor_table(floor, next(((n, d) for n in ("server_native", "server_1gpu")
+                                            if (d := load(f, n))), None))]
+    if (off := load(f, "graphs_off")) and (on := load(f, "graphs_on")):
+        lines += ["", f"## Text encoder CUDA graphs, in-process ({on['card']['name']}, commit "
+                      f"{on['commit']})", "", *graphs_table(off, on)]
     if shapes := load(f, "shapes"):
         lines += ["", "## Compiled shapes, in-process: not what slowed serving (the served attention kernel did)", "",
                   *shapes_table(shapes)]
@@ -269,7 +330,8 @@ def main() -> None:
     if memory := memory_table(f, ablation):
         lines += ["", "## Memory modes", "", *memory]
     if one or every:
-        lines += ["", "## Scaling: perf_analyzer through Triton (gRPC, PNG, 1024x1024)", "",
+        title = "Scaling" if every else "Throughput"
+        lines += ["", f"## {title}: perf_analyzer through Triton (gRPC, PNG, 1024x1024)", "",
                   *scaling(one, every)]
     if gpu := gpu_memory(every):
         lines += ["", "## Memory per GPU with one instance per GPU", "", *gpu]
@@ -283,7 +345,9 @@ def main() -> None:
     lines += ["", "Random weights: timings only, never image quality."]
     (f / "results.md").write_text("\n".join(lines) + "\n")
     summary = {"card": card, "rows": [{"system": s, "median_s": m} for s, _, m in medians],
-               "ablation": ablation, "server_1gpu": one, "server_all_gpus": every, "oom": oom}
+               "ablation": ablation, "server_1gpu": one, "server_all_gpus": every, "oom": oom,
+               "floor": load(f, "floor"), "server_native": load(f, "server_native"),
+               "server_fp8": load(f, "server_fp8")}
     (f / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(f, medians, one, every, card)
     print("\n".join(lines))
