@@ -146,7 +146,8 @@ def prepare_libpython_dir(cache_dir: Path) -> Path | None:
     Not LIBDIR itself: on a system Python that is /usr/lib/x86_64-linux-gnu, and first on the
     path it also hands torch the system's libraries by soname. On an H100 machine, torch then
     loaded the system's cuDNN 9.14 instead of its bundled 9.19: SDPA chose FlashAttention-2
-    over cuDNN attention (76 ms slower per image), and asking torch the cuDNN version failed.
+    over cuDNN attention (76 ms slower per image on an H200), and asking torch the cuDNN
+    version failed.
     """
     name = sysconfig.get_config_var("INSTSONAME")
     source = Path(sysconfig.get_config_var("LIBDIR") or "") / (name or "")

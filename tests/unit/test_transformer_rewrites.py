@@ -152,3 +152,22 @@ def test_memory_mode_and_slicing_report_what_a_cpu_instance_does(tiny_settings):
     # ZImagePipeline has nothing that slices attention: said, not silently ignored.
     assert report["attention_slicing"]["status"] == "skipped"
     assert report["fp8"]["status"] == "skipped" and "CUDA" in report["fp8"]["detail"]
+
+
+def test_a_cudnn_mismatch_is_reported_not_fatal(pipe, tiny_settings, monkeypatch):
+    """torch raises when it loaded a cuDNN other than its own (a system one first on
+    LD_LIBRARY_PATH); the instance must still start and say so in its startup log."""
+    from zimage_backend import optimizations
+
+    def mismatch():
+        raise RuntimeError("cuDNN version incompatibility: PyTorch was compiled against "
+                           "(9, 19, 0) but found runtime version (9, 14, 0).\nmore")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", mismatch)
+    report = optimizations.Report()
+    name = optimizations.select_attention_backend(pipe, tiny_settings.optimizations, report,
+                                                  lambda: None)
+    detail = report.as_dict()["attention_backend"]["detail"]
+    assert name == "native"
+    assert "cuDNN mismatch: cuDNN version incompatibility" in detail and "more" not in detail
