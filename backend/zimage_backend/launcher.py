@@ -144,9 +144,9 @@ def prepare_libpython_dir(cache_dir: Path) -> Path | None:
     LD_LIBRARY_PATH; None when the interpreter has no shared libpython.
 
     Not LIBDIR itself: on a system Python that is /usr/lib/x86_64-linux-gnu, and first on the
-    path it also hands torch the system's libraries by soname. On an H100 machine, torch then
+    path it also hands torch the system's libraries by soname. On the GPU machines torch then
     loaded the system's cuDNN 9.14 instead of its bundled 9.19: SDPA chose FlashAttention-2
-    over cuDNN attention (76 ms slower per image on an H200), and asking torch the cuDNN
+    over cuDNN attention (76 ms slower per 1024x1024 image), and asking torch for the cuDNN
     version failed.
     """
     name = sysconfig.get_config_var("INSTSONAME")
