@@ -41,8 +41,8 @@ for step in "$@"; do
       inproc -m bench.floor --out "$OUT/floor.json" ;;
     graphs)
       inproc -m bench.engine --set 'optimizations.torch_compile.cuda_graphs=[]' \
-        --out "$OUT/engine_no_graphs.json"
-      inproc -m bench.engine --out "$OUT/engine.json" ;;
+        --out "$OUT/graphs_off.json"
+      inproc -m bench.engine --out "$OUT/graphs_on.json" ;;
     engine)
       inproc -m bench.engine --out "$OUT/engine.json"
       inproc -m bench.oom_check --out "$OUT/oom.json" ;;

@@ -289,8 +289,8 @@ def main() -> None:
     if stages := served_stages(f):
         lines += ["", "Where the time goes through Triton (median ms per image, 1 GPU):", "",
                   *stages]
-    starts = [(name, d) for name in ("server_1gpu_combining", "server_1gpu", "server_cudnn",
-                                     "server_fp8", "server_all_gpus") if (d := load(f, name))]
+    starts = [(name, d) for name in [n for n, _ in SERVED] + ["server_all_gpus"]
+              if (d := load(f, name))]
     for name, d in starts:
         if "cold_start_s" in d:
             line = (f"Cold start of {name} ({d['commit']}, launch to ready, compile and warmup "
