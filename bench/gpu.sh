@@ -6,6 +6,7 @@
 #   baselines diffusers eager and compiled, in-process
 #   floor     the card's speed on the transformer's matrix work alone (GEMM, attention)
 #   graphs    our engine in-process with and without the text encoder's CUDA graphs
+#   qk        our engine in-process with and without the qk_norm_rope kernel
 #   engine    our engine in-process (stages), then the OOM recovery check
 #   ablation  every switch flipped one at a time in one process, a kernel profile, FP8
 #   shapes    static against dynamic compiled shapes, each profiled
@@ -43,6 +44,10 @@ for step in "$@"; do
       inproc -m bench.engine --set 'optimizations.torch_compile.cuda_graphs=[]' \
         --out "$OUT/graphs_off.json"
       inproc -m bench.engine --out "$OUT/graphs_on.json" ;;
+    qk)
+      inproc -m bench.engine --set optimizations.qk_norm_rope_kernel=false \
+        --out "$OUT/qk_off.json"
+      inproc -m bench.engine --out "$OUT/qk_on.json" ;;
     engine)
       inproc -m bench.engine --out "$OUT/engine.json"
       inproc -m bench.oom_check --out "$OUT/oom.json" ;;

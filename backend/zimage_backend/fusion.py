@@ -34,19 +34,26 @@ class FusedAttnProcessor:
     _attention_backend = None
     _parallel_config = None
     eager_attention = False  # set by set_eager_attention
+    qk_kernel = None  # the qk_norm_rope operator, set by use_qk_norm_rope_kernel
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  freqs_cis=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-        query, key, value = attn.to_qkv(hidden_states).unflatten(-1, (3, attn.heads, -1)) \
-            .unbind(-3)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if freqs_cis is not None:
-            query, key = apply_rotary(query, freqs_cis), apply_rotary(key, freqs_cis)
+        qkv = attn.to_qkv(hidden_states)
+        if self.qk_kernel is not None and freqs_cis is not None:
+            # [3, batch, heads, seq, head_dim]: the layout the attention kernels read
+            query, key, value = self.qk_kernel(
+                qkv, attn.norm_qk_weight, torch.view_as_real(freqs_cis), attn.heads,
+                attn.norm_q.eps).transpose(2, 3).unbind(0)
+        else:
+            query, key, value = qkv.unflatten(-1, (3, attn.heads, -1)).unbind(-3)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            if freqs_cis is not None:
+                query, key = apply_rotary(query, freqs_cis), apply_rotary(key, freqs_cis)
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
         attend = _eager_dispatch if self.eager_attention else dispatch_attention_fn
@@ -63,6 +70,40 @@ def _eager_dispatch(*args, **kwargs):
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
     return dispatch_attention_fn(*args, **kwargs)
+
+
+def use_qk_norm_rope_kernel(transformer: nn.Module, device: torch.device) -> str | None:
+    """Gives the fused blocks' attention the qk_norm_rope kernel; returns why it cannot, or
+    None when every fused block uses it."""
+    if device.type != "cuda":
+        return "needs CUDA; this instance runs on the CPU"
+    return attach_qk_norm_rope_kernel(transformer, device)
+
+
+def attach_qk_norm_rope_kernel(transformer: nn.Module, device: torch.device) -> str | None:
+    """use_qk_norm_rope_kernel on any device Triton runs on (the CPU only under
+    TRITON_INTERPRET, which the tests use)."""
+    from . import qk_norm_rope
+
+    attentions = [m for m in transformer.modules()
+                  if isinstance(getattr(m, "processor", None), FusedAttnProcessor)]
+    if not attentions:
+        return "needs fuse_projections"
+    op = qk_norm_rope.operator()
+    if op is None:
+        return "Triton is not installed"
+    for attn in attentions:
+        if attn.norm_q is None or attn.norm_k is None or attn.norm_q.eps != attn.norm_k.eps \
+                or not qk_norm_rope.fits(attn.heads, attn.norm_q.weight.numel()):
+            return "attention without q/k norms of one power-of-two head size"
+    if (problem := qk_norm_rope.self_check(device)) is not None:
+        return f"self-check failed: {problem}"
+    for attn in attentions:
+        # One [2, head_dim] tensor for the kernel; a buffer, so it follows the module's device.
+        attn.register_buffer("norm_qk_weight", torch.stack(
+            (attn.norm_q.weight.detach(), attn.norm_k.weight.detach())), persistent=False)
+        attn.processor.qk_kernel = op
+    return None
 
 
 def set_eager_attention(transformer: nn.Module, eager: bool) -> int:

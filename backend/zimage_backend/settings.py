@@ -118,6 +118,7 @@ class Optimizations:
     attention_slicing: bool
     memory_mode: str
     fuse_projections: bool
+    qk_norm_rope_kernel: bool  # one Triton kernel for the q/k norms and RoPE
     prompt_padding: str
     fp8: bool
     torch_compile: TorchCompile

@@ -1,0 +1,98 @@
+"""The q/k norm and RoPE kernel computes what the torch code it replaces computes.
+
+Triton's interpreter runs the kernel on the CPU, in a child process: TRITON_INTERPRET must be
+set before the kernel is built, and an operator registers once per process. On a GPU the
+engine checks the compiled kernel once more at start (qk_norm_rope.self_check).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from diffusers.models.normalization import RMSNorm
+
+from zimage_backend import fusion, qk_norm_rope
+from zimage_backend.random_models import build_tiny_pipeline
+
+
+def _random_inputs(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(batch * 1000 + seq)
+    qkv = torch.randn(batch, seq, 3 * heads * head_dim, generator=gen).to(dtype)
+    weight = (torch.rand(2, head_dim, generator=gen) + 0.5).to(dtype)
+    angles = torch.rand(batch, seq, head_dim // 2, generator=gen) * 6.3
+    freqs = torch.view_as_real(torch.polar(torch.ones_like(angles), angles))
+    return qkv, weight, freqs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_is_diffusers_norm_then_rotary(dtype):
+    qkv, weight, freqs = _random_inputs(2, 19, 3, 32, dtype)
+    out = qk_norm_rope.reference(qkv, weight, freqs, 3, 1e-5)
+    q, k, v = qkv.unflatten(-1, (3, 3, 32)).unbind(-3)
+    for i, (x, w) in enumerate(((q, weight[0]), (k, weight[1]))):
+        norm = RMSNorm(32, eps=1e-5).to(dtype)
+        norm.weight.data.copy_(w)
+        with torch.no_grad():
+            want = fusion.apply_rotary(norm(x), torch.view_as_complex(freqs)).transpose(1, 2)
+        assert torch.equal(out[i], want)
+    assert torch.equal(out[2], v.transpose(1, 2))
+
+
+def test_head_sizes_the_kernel_takes():
+    assert qk_norm_rope.fits(30, 128) and qk_norm_rope.fits(2, 16)
+    assert not qk_norm_rope.fits(30, 96) and not qk_norm_rope.fits(4, 8)
+    assert not qk_norm_rope.fits(1, 512)
+
+
+def test_cpu_instances_keep_the_torch_code():
+    transformer = copy.deepcopy(build_tiny_pipeline(seed=3).transformer)
+    assert fusion.use_qk_norm_rope_kernel(transformer, torch.device("cuda")) == \
+        "needs fuse_projections"
+    fusion.fuse_transformer(transformer)
+    why = fusion.use_qk_norm_rope_kernel(transformer, torch.device("cpu"))
+    assert why == "needs CUDA; this instance runs on the CPU"
+    assert all(m.processor.qk_kernel is None for m in transformer.modules()
+               if isinstance(getattr(m, "processor", None), fusion.FusedAttnProcessor))
+
+
+_CHILD = textwrap.dedent("""
+    import copy, torch
+    from zimage_backend import fusion, qk_norm_rope
+    from zimage_backend.random_models import build_tiny_pipeline
+    from tests.unit.test_qk_norm_rope import _random_inputs
+    from tests.unit.test_transformer_rewrites import _forward
+
+    op = qk_norm_rope.operator()
+    # Odd lengths and a batch: rows past the end of a block must be left alone.
+    for batch, seq, heads, dim in ((1, 8, 1, 16), (2, 37, 3, 32), (3, 5, 2, 64)):
+        for dtype, tolerance in ((torch.float32, 1e-5), (torch.float16, 2 ** -9)):
+            args = _random_inputs(batch, seq, heads, dim, dtype) + (heads, 1e-5)
+            got, want = op(*args), qk_norm_rope.reference(*args)
+            assert got.shape == (3, batch, heads, seq, dim), got.shape
+            worst = ((got.float() - want.float()).abs() / want.float().abs().clamp(min=1)).max()
+            assert worst <= tolerance, (batch, seq, heads, dim, dtype, worst.item())
+
+    # The whole tiny transformer, kernel against torch code, through the attention processor.
+    fused = copy.deepcopy(build_tiny_pipeline(seed=3).transformer)
+    fusion.fuse_transformer(fused)
+    expected = _forward(fused, 0)
+    assert fusion.attach_qk_norm_rope_kernel(fused, torch.device("cpu")) is None
+    got = _forward(fused, 0)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
+    print("kernel ok")
+""")
+
+
+def test_kernel_matches_the_torch_code_in_triton_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-c", _CHILD], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "kernel ok" in result.stdout, result.stderr[-3000:]
