@@ -176,6 +176,21 @@ def _attention(engine: Engine, backend: str):
                       lambda: transformer.set_attention_backend(engine.attention_backend))
 
 
+def _qk_kernel_off(transformer: torch.nn.Module):
+    processors = [m.processor for m in transformer.modules()
+                  if isinstance(getattr(m, "processor", None), fusion.FusedAttnProcessor)]
+    kernels = [p.qk_kernel for p in processors]
+
+    def off() -> None:
+        for p in processors:
+            p.qk_kernel = None
+
+    def on() -> None:
+        for p, kernel in zip(processors, kernels):
+            p.qk_kernel = kernel
+    return _pipe_flip(off, on)
+
+
 def profile(bench: Bench, path: Path, top_kernels: int = 0) -> dict:
     """Kernel time by kind for one image, how busy the GPU was over the image, and the
     `top_kernels` kernels that took longest."""
@@ -240,6 +255,11 @@ def main() -> None:
     bench.measure("fuse_projections", "off")
 
     fusion.fuse_transformer(engine.pipe.transformer)
+    if settings.optimizations.qk_norm_rope_kernel:
+        # The engine skipped it at start (it needs the fused blocks); the default has it.
+        why = fusion.use_qk_norm_rope_kernel(engine.pipe.transformer, engine.device)
+        engine.report.add("qk_norm_rope_kernel", "skipped" if why else "applied",
+                          why or "attached after projection fusion")
     engine.settings = dataclasses.replace(engine.settings, optimizations=dataclasses.replace(
         engine.settings.optimizations, fuse_projections=True,
         warmup=dataclasses.replace(engine.settings.optimizations.warmup, enabled=True)))
@@ -264,6 +284,8 @@ def main() -> None:
          _pipe_flip(vae.disable_tiling, vae.enable_tiling) if opts.vae_tiling else
          _pipe_flip(vae.enable_tiling, vae.disable_tiling)),
         ("vae_slicing", "on", _pipe_flip(vae.enable_slicing, vae.disable_slicing)),
+        ("qk_norm_rope_kernel", "off (torch.compile's kernels)",
+         _qk_kernel_off(engine.pipe.transformer)),
         ("attention_backend", "_native_flash", _attention(engine, "_native_flash")),
         ("attention_backend", "native (SDPA picks)", _attention(engine, "native")),
         ("inference_mode", "off (no_grad)",

@@ -165,10 +165,20 @@ def floor_table(floor: dict, served: dict | None) -> list[str]:
     return lines
 
 
-def graphs_table(off: dict, on: dict) -> list[str]:
-    lines = ["| text encoder | median s | text_encode ms | denoise ms | VAE ms | PNG ms |",
+# In-process A/B runs (bench/gpu.sh steps graphs and qk): file stems, heading, first column,
+# and the label of each side.
+AB_RUNS = (
+    (("graphs_off", "graphs_on"), "Text encoder CUDA graphs", "text encoder",
+     ("compiled, no CUDA graphs", "compiled, CUDA graphs")),
+    (("qk_off", "qk_on"), "q/k norms and RoPE: torch.compile's kernels or the qk_norm_rope kernel",
+     "q/k norms and RoPE", ("torch.compile", "`qk_norm_rope_kernel: true`")),
+)
+
+
+def ab_table(column: str, runs: list[tuple[str, dict]]) -> list[str]:
+    lines = [f"| {column} | median s | text_encode ms | denoise ms | VAE ms | PNG ms |",
              "|---|---|---|---|---|---|"]
-    for label, d in (("compiled, no CUDA graphs", off), ("compiled, CUDA graphs", on)):
+    for label, d in runs:
         st = d["stage_ms"]
         lines.append(f"| {label} | {d['median_s']:.3f} | {st['text_encode']:.1f} | "
                      f"{st['denoise']:.1f} | {st['vae_decode']:.1f} | {st['image_encode']:.1f} |")
@@ -303,9 +313,10 @@ def main() -> None:
         lines += ["", "## The matrix work alone: each kernel timed by itself on the card", "",
                   *floor_table(floor, next(((n, d) for n in ("server_native", "server_1gpu")
                                             if (d := load(f, n))), None))]
-    if (off := load(f, "graphs_off")) and (on := load(f, "graphs_on")):
-        lines += ["", f"## Text encoder CUDA graphs, in-process ({on['card']['name']}, commit "
-                      f"{on['commit']})", "", *graphs_table(off, on)]
+    for (off_name, on_name), heading, column, labels in AB_RUNS:
+        if (off := load(f, off_name)) and (on := load(f, on_name)):
+            lines += ["", f"## {heading}, in-process ({on['card']['name']}, commit "
+                          f"{on['commit']})", "", *ab_table(column, list(zip(labels, (off, on))))]
     if shapes := load(f, "shapes"):
         lines += ["", "## Compiled shapes, in-process: not what slowed serving (the served attention kernel did)", "",
                   *shapes_table(shapes)]
