@@ -274,9 +274,9 @@ class Engine:
             return {}
 
         with self._grad_mode():
-            # The starting noise crosses to the GPU now, while the stream is idle: copied later
-            # from pageable memory, it would hold the CPU until text encoding finished, and the
-            # GPU would then wait for the first step's launches (5 ms on an H100).
+            # A blocking copy to the GPU waits for the stream's queued work. Made here, before
+            # text encoding is queued, the starting noise's copy waits for nothing; made inside
+            # the pipeline call, it held the CPU until text encoding had finished.
             noise = self._noise(requests)
             with stage("text_encode"):
                 prompt_embeds = self.encode_prompts([r.prompt for r in requests])

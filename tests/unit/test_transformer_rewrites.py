@@ -125,6 +125,8 @@ def test_float8_quantizes_the_block_products_but_not_the_modulation(pipe):
 def test_cpu_instance_reports_what_it_skipped(engine):
     report = engine.report.as_dict()
     assert report["fuse_projections"]["status"] == "applied"
+    assert report["qk_norm_rope_kernel"] == {
+        "status": "skipped", "detail": "needs CUDA; this instance runs on the CPU"}
     assert report["memory_mode"]["status"] == "applied"
     assert float8.supported(torch.device("cpu")) is not None
 
@@ -171,3 +173,30 @@ def test_a_cudnn_mismatch_is_reported_not_fatal(pipe, tiny_settings, monkeypatch
     detail = report.as_dict()["attention_backend"]["detail"]
     assert name == "native"
     assert "cuDNN mismatch: cuDNN version incompatibility" in detail and "more" not in detail
+
+
+def test_frozen_pipeline_properties_say_what_diffusers_would(engine):
+    """The engine fixes the execution device and the transformer's dtype instead of letting
+    diffusers walk every module for them on each call; the classes keep their names."""
+    from diffusers import ZImagePipeline
+    from diffusers.models.modeling_utils import get_parameter_dtype
+
+    assert isinstance(engine.pipe, ZImagePipeline)
+    assert type(engine.pipe).__name__ == "ZImagePipeline"
+    assert ZImagePipeline._execution_device.fget(engine.pipe) == engine.pipe._execution_device \
+        == engine.device
+    transformer = engine.pipe.transformer
+    assert transformer.dtype == get_parameter_dtype(transformer)
+    assert type(transformer).__name__ == "ZImageTransformer2DModel"
+
+
+def test_noise_is_what_the_pipeline_would_draw(engine):
+    """The engine draws the starting latents itself, before text encoding; they must be the ones
+    ZImagePipeline.prepare_latents draws from the same seeds, so images do not change."""
+    requests = [dataclasses.replace(engine._request("fox", 64, 2), seed=seed, width=96)
+                for seed in (7, 8)]
+    pipe = engine.pipe
+    want = pipe.prepare_latents(2, pipe.transformer.in_channels, 64, 96, torch.float32,
+                                torch.device("cpu"),
+                                [torch.Generator("cpu").manual_seed(s) for s in (7, 8)])
+    assert torch.equal(engine._noise(requests), want)
