@@ -3,7 +3,7 @@
 It reads q, k and v once from the fused qkv product, normalizes and rotates each head of q and
 k, and writes all three in the [batch, heads, seq, head_dim] layout the attention kernels read.
 torch.compile made two reduction kernels of the same work; on an H100 at 1024x1024 they took
-72 us each per block (about 1.3 TB/s), this kernel 82 us for both (22.5 against 40.3 ms per
+72 us each per block (about 1.3 TB/s), this one 82 us (22.5 against 40.3 ms per
 image). It rounds where diffusers' eager code rounds (the norm's output to the weight's dtype
 before the weight, the weighted output before the rotation), so it computes what that code does
 up to the order of a float32 sum.
