@@ -26,7 +26,7 @@ import torch
 
 from bench.common import (PROMPT, Timer, config_with, deviation, stamp, summarize,
                           write_json)
-from zimage_backend import float8, fusion
+from zimage_backend import float8, fusion, optimizations
 from zimage_backend.encoding import encode_image
 from zimage_backend.engine import Engine, kernel_times_ms
 from zimage_backend.request import GenerationRequest
@@ -177,8 +177,7 @@ def _attention(engine: Engine, backend: str):
 
 
 def _qk_kernel_off(transformer: torch.nn.Module):
-    processors = [m.processor for m in transformer.modules()
-                  if isinstance(getattr(m, "processor", None), fusion.FusedAttnProcessor)]
+    processors = [attn.processor for attn in fusion.fused_attentions(transformer)]
     kernels = [p.qk_kernel for p in processors]
 
     def off() -> None:
@@ -255,11 +254,9 @@ def main() -> None:
     bench.measure("fuse_projections", "off")
 
     fusion.fuse_transformer(engine.pipe.transformer)
-    if settings.optimizations.qk_norm_rope_kernel:
-        # The engine skipped it at start (it needs the fused blocks); the default has it.
-        why = fusion.use_qk_norm_rope_kernel(engine.pipe.transformer, engine.device)
-        engine.report.add("qk_norm_rope_kernel", "skipped" if why else "applied",
-                          why or "attached after projection fusion")
+    # The engine skipped the kernel at start (it needs the fused blocks); the default has it.
+    optimizations.apply_qk_norm_rope_kernel(engine.pipe, settings.optimizations, engine.device,
+                                            engine.report)
     engine.settings = dataclasses.replace(engine.settings, optimizations=dataclasses.replace(
         engine.settings.optimizations, fuse_projections=True,
         warmup=dataclasses.replace(engine.settings.optimizations.warmup, enabled=True)))

@@ -204,17 +204,13 @@ class Engine:
         return [t.clone() for t in out] if graphs else out
 
     def _noise(self, requests: Sequence[GenerationRequest]) -> torch.Tensor:
-        """The starting latents as ZImagePipeline.prepare_latents draws them: each row from
-        its request's seed on a CPU generator."""
-        from diffusers.utils.torch_utils import randn_tensor
-
+        """The starting latents, drawn by ZImagePipeline.prepare_latents on the host: each row
+        from its request's seed on a CPU generator."""
         first, pipe = requests[0], self.pipe
-        scale = pipe.vae_scale_factor * 2
-        shape = (len(requests), pipe.transformer.in_channels, 2 * (first.height // scale),
-                 2 * (first.width // scale))
-        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
-        return randn_tensor(shape, generator=generators, device=torch.device("cpu"),
-                            dtype=torch.float32).to(self.device)
+        return pipe.prepare_latents(
+            len(requests), pipe.transformer.in_channels, first.height, first.width,
+            torch.float32, torch.device("cpu"),
+            [torch.Generator("cpu").manual_seed(r.seed) for r in requests]).to(self.device)
 
     def run(self, requests: Sequence[GenerationRequest],
             should_stop: Callable[[], bool] | None = None) -> BatchResult:

@@ -72,6 +72,12 @@ def _eager_dispatch(*args, **kwargs):
     return dispatch_attention_fn(*args, **kwargs)
 
 
+def fused_attentions(transformer: nn.Module) -> list[nn.Module]:
+    """The attention modules of `transformer` that run a FusedAttnProcessor."""
+    return [m for m in transformer.modules()
+            if isinstance(getattr(m, "processor", None), FusedAttnProcessor)]
+
+
 def use_qk_norm_rope_kernel(transformer: nn.Module, device: torch.device) -> str | None:
     """Gives the fused blocks' attention the qk_norm_rope kernel; returns why it cannot, or
     None when every fused block uses it."""
@@ -85,8 +91,7 @@ def attach_qk_norm_rope_kernel(transformer: nn.Module, device: torch.device) -> 
     TRITON_INTERPRET, which the tests use)."""
     from . import qk_norm_rope
 
-    attentions = [m for m in transformer.modules()
-                  if isinstance(getattr(m, "processor", None), FusedAttnProcessor)]
+    attentions = fused_attentions(transformer)
     if not attentions:
         return "needs fuse_projections"
     op = qk_norm_rope.operator()
@@ -109,11 +114,10 @@ def attach_qk_norm_rope_kernel(transformer: nn.Module, device: torch.device) -> 
 def set_eager_attention(transformer: nn.Module, eager: bool) -> int:
     """Runs the fused blocks' attention outside (eager) or inside compiled code; returns how
     many processors it set."""
-    processors = [m.processor for m in transformer.modules()
-                  if isinstance(getattr(m, "processor", None), FusedAttnProcessor)]
-    for processor in processors:
-        processor.eager_attention = eager
-    return len(processors)
+    attentions = fused_attentions(transformer)
+    for attn in attentions:
+        attn.processor.eager_attention = eager
+    return len(attentions)
 
 
 class FusedFeedForward(nn.Module):

@@ -89,13 +89,7 @@ def apply_to_transformer(pipe, opts: Optimizations, device: torch.device, report
         report.add("fuse_projections", "applied", f"{count} blocks: qkv and w1/w3 fused")
     else:
         report.add("fuse_projections", "off")
-    if not opts.qk_norm_rope_kernel:
-        report.add("qk_norm_rope_kernel", "off")
-    elif (why := fusion.use_qk_norm_rope_kernel(pipe.transformer, device)) is not None:
-        report.add("qk_norm_rope_kernel", "skipped", why)
-    else:
-        report.add("qk_norm_rope_kernel", "applied", "q/k RMS norms and RoPE in one Triton "
-                   "kernel per attention")
+    apply_qk_norm_rope_kernel(pipe, opts, device, report)
     if not opts.fp8:
         report.add("fp8", "off")
     elif (why := float8.supported(device)) is not None:
@@ -105,6 +99,18 @@ def apply_to_transformer(pipe, opts: Optimizations, device: torch.device, report
     else:
         count = float8.quantize_transformer(pipe.transformer)
         report.add("fp8", "applied", f"{count} linear layers: float8 e4m3, per-row scales")
+
+
+def apply_qk_norm_rope_kernel(pipe, opts: Optimizations, device: torch.device,
+                              report: Report) -> None:
+    """After projection fusion: the kernel replaces code in the fused blocks."""
+    if not opts.qk_norm_rope_kernel:
+        report.add("qk_norm_rope_kernel", "off")
+    elif (why := fusion.use_qk_norm_rope_kernel(pipe.transformer, device)) is not None:
+        report.add("qk_norm_rope_kernel", "skipped", why)
+    else:
+        report.add("qk_norm_rope_kernel", "applied", "q/k RMS norms and RoPE in one Triton "
+                   "kernel per attention")
 
 
 def apply_after_placement(pipe, opts: Optimizations, device: torch.device, report: Report) -> None:

@@ -119,12 +119,12 @@ def reference(qkv: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, head
     """What the kernel computes, in torch: diffusers' RMSNorm, then fusion.apply_rotary."""
     from .fusion import apply_rotary
 
+    query, key, value = qkv.unflatten(-1, (3, heads, -1)).unbind(-3)
     out = []
-    for x, w in zip(qkv.unflatten(-1, (3, heads, -1)).unbind(-3)[:2], weight):
+    for x, w in ((query, weight[0]), (key, weight[1])):
         x = (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(w.dtype) * w
         out.append(apply_rotary(x, torch.view_as_complex(freqs)).transpose(1, 2))
-    value = qkv.unflatten(-1, (3, heads, -1))[:, :, 2].transpose(1, 2)
-    return torch.stack(out + [value])
+    return torch.stack(out + [value.transpose(1, 2)])
 
 
 def self_check(device: torch.device) -> str | None:

@@ -199,4 +199,7 @@ def test_noise_is_what_the_pipeline_would_draw(engine):
     want = pipe.prepare_latents(2, pipe.transformer.in_channels, 64, 96, torch.float32,
                                 torch.device("cpu"),
                                 [torch.Generator("cpu").manual_seed(s) for s in (7, 8)])
-    assert torch.equal(engine._noise(requests), want)
+    noise = engine._noise(requests)
+    assert torch.equal(noise, want)
+    # Each row is its own seed's: the same image alone or in a batch.
+    assert torch.equal(noise[1:], engine._noise(requests[1:]))
