@@ -55,7 +55,7 @@ class RequestError(ValueError):
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.detail = field, message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +155,7 @@ def parse_request(
         column = columns[name]
         return default if column is None else column[row]
 
-    requests = []
-    for row in range(rows):
+    def parse_row(row: int) -> GenerationRequest:
         prompt = _text("PROMPT", value("PROMPT", row, b""))
         negative = value("NEGATIVE_PROMPT", row, None)
         output_format = _text("OUTPUT_FORMAT",
@@ -179,7 +178,17 @@ def parse_request(
                 if text is not None and (n := count_tokens(text)) > limits.max_prompt_tokens:
                     raise RequestError(field, f"is {n} tokens long; at most "
                                               f"{limits.max_prompt_tokens} are allowed")
-        requests.append(request)
+        return request
+
+    requests = []
+    for row in range(rows):
+        try:
+            requests.append(parse_row(row))
+        except RequestError as exc:
+            if rows == 1:
+                raise
+            raise RequestError(exc.field, f"{exc.detail} (in row index {row} of {rows} rows; "
+                                          "one bad row fails the whole request)") from None
     if len({r.output_format for r in requests}) > 1 and any(
             r.output_format == "raw" for r in requests):
         raise RequestError("OUTPUT_FORMAT", "raw cannot be mixed with encoded formats in one "
@@ -196,8 +205,8 @@ def check_requested_outputs(requests: list[GenerationRequest], requested: set[st
     empty success after the whole generation."""
     if not requested:
         return  # Triton's default: every output the model produces
-    raw = requests[0].output_format == "raw"
-    needed, other = ("PIXELS", "IMAGE") if raw else ("IMAGE", "PIXELS")
-    if other in requested and needed not in requested:
-        raise RequestError("OUTPUT_FORMAT", f"{requests[0].output_format!r} returns {needed}, "
-                                            f"but the request asked for {other}")
+    needed = "PIXELS" if requests[0].output_format == "raw" else "IMAGE"
+    if needed not in requested:
+        raise RequestError("OUTPUT_FORMAT", (
+            f"{requests[0].output_format!r} returns {needed}, but the request asked only for "
+            f"{', '.join(sorted(requested))}; request {needed} too, or no outputs for all"))

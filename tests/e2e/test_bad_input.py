@@ -11,6 +11,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from tests.e2e.helpers import metric, settled_scrape
 from zimage_client import InvalidRequestError
 
 pytestmark = pytest.mark.e2e
@@ -79,18 +80,29 @@ def test_bad_tensors_are_refused_by_name(server, protocol, inputs, field):
     assert field in info.value.message()
 
 
-def test_asking_for_the_output_the_format_does_not_fill(server, protocol):
+@pytest.mark.parametrize("outputs, message", [
+    (["PIXELS"], "OUTPUT_FORMAT: 'png' returns IMAGE, but the request asked only for PIXELS"),
+    # Without IMAGE a png request would run a whole generation for an empty success.
+    (["SEED", "METADATA"], "OUTPUT_FORMAT: 'png' returns IMAGE, but the request asked only "
+                           "for METADATA, SEED"),
+])
+def test_asking_for_outputs_without_the_one_the_format_fills(server, protocol, outputs, message):
     module = grpcclient if protocol == "grpc" else httpclient
     url = server.grpc_url if protocol == "grpc" else server.http_url
     prompt = module.InferInput("PROMPT", [1, 1], "BYTES")
     prompt.set_data_from_numpy(np.array([[b"a cat"]], dtype=np.object_))
     client = module.InferenceServerClient(url)
+    before = metric(settled_scrape(server), "zimage_images_generated_total")
     try:
         with pytest.raises(InferenceServerException) as info:
-            client.infer("zimage", [prompt], outputs=[module.InferRequestedOutput("PIXELS")])
+            client.infer("zimage", [prompt], outputs=[module.InferRequestedOutput(o)
+                                                      for o in outputs])
     finally:
         client.close()
-    assert info.value.message().startswith("OUTPUT_FORMAT: 'png' returns IMAGE")
+    assert info.value.status() in ("StatusCode.INVALID_ARGUMENT", "400")
+    assert info.value.message().startswith(message)
+    # Refused before any generation: no image was made for it.
+    assert metric(settled_scrape(server), "zimage_images_generated_total") == before
 
 
 def test_bad_requests_do_not_fail_their_batch(client, server):

@@ -141,10 +141,13 @@ def test_raw_rows_must_share_size(settings):
 @pytest.mark.parametrize("fmt, requested, error", [
     ("png", set(), None),
     ("png", {"IMAGE", "SEED"}, None),
-    ("png", {"SEED", "METADATA"}, None),
-    ("png", {"PIXELS"}, "'png' returns IMAGE, but the request asked for PIXELS"),
+    # Only SEED and METADATA: a whole generation for an empty success.
+    ("png", {"SEED", "METADATA"}, "'png' returns IMAGE, but the request asked only for "
+                                  "METADATA, SEED"),
+    ("png", {"PIXELS"}, "'png' returns IMAGE, but the request asked only for PIXELS"),
     ("raw", {"PIXELS", "IMAGE"}, None),
-    ("raw", {"IMAGE"}, "'raw' returns PIXELS, but the request asked for IMAGE"),
+    ("raw", {"IMAGE"}, "'raw' returns PIXELS, but the request asked only for IMAGE"),
+    ("raw", {"SEED"}, "'raw' returns PIXELS, but the request asked only for SEED"),
 ])
 def test_requested_outputs_must_match_the_format(settings, fmt, requested, error):
     requests = parse(settings, PROMPT="a", OUTPUT_FORMAT=fmt)
@@ -153,3 +156,18 @@ def test_requested_outputs_must_match_the_format(settings, fmt, requested, error
     else:
         with pytest.raises(RequestError, match=f"OUTPUT_FORMAT: {error}"):
             check_requested_outputs(requests, requested)
+
+
+def test_a_bad_row_names_its_row_and_fails_the_request(settings):
+    batch = {"PROMPT": np.array([[b"a"], [b"b"], [b"c"]], dtype=np.object_),
+             "HEIGHT": np.array([[64], [72], [64]], dtype=np.int32)}
+    with pytest.raises(RequestError, match=r"^HEIGHT: 72 is not allowed; must be a multiple of "
+                                           r"16 .*\(in row index 1 of 3 rows; one bad row fails "
+                                           r"the whole request\)$"):
+        parse_request(batch, settings.defaults, settings.limits)
+
+
+def test_a_single_row_error_has_no_row_suffix(settings):
+    with pytest.raises(RequestError, match=r"^HEIGHT: 72 is not allowed; must be a multiple of "
+                                           r"16 in \[64, 2048\]$"):
+        parse(settings, PROMPT="a", HEIGHT=72)
