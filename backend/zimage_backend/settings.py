@@ -48,8 +48,12 @@ class ModelSettings:
     @property
     def weights_label(self) -> str:
         """How served images describe their weights, so random ones are never mistaken for real."""
+        # A local folder is named by its last part: a served image never shows a server path.
+        local = Path(self.source).expanduser()
+        name = local.name if local.is_absolute() or local.exists() or self.source.startswith(
+            (".", "~")) else self.source
         return {
-            "auto": f"pretrained ({self.source})",
+            "auto": f"pretrained ({name})",
             "dummy": "random (full Z-Image-Turbo shape, dummy load format)",
             "tiny": "random (tiny demo pipeline)",
         }[self.load_format]
