@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -28,6 +29,10 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 # summary goes to the log. It shows what the GPU did inside the served process, which the
 # in-process benchmarks cannot.
 PROFILE_ENV = "ZIMAGE_PROFILE_CALL"
+# N: the Nth pipeline call after ready breaks the device the way a kernel bug does (a real
+# device-side assert on CUDA; on the CPU, which has no such state, the error CUDA reports). For
+# testing what a broken GPU looks like from outside; never set in production.
+FAULT_ENV = "ZIMAGE_FAULT_CALL"
 
 
 def kernel_times_ms(prof) -> list[tuple[str, float]]:
@@ -86,7 +91,7 @@ class Engine:
             # on GPU 0 of a multi-GPU host.
             torch.cuda.set_device(device)
         self.report = optimizations.Report()
-        self._calls, self._profile_call = 0, 0  # counted from ready on, below
+        self._calls, self._profile_call, self._fault_call = 0, 0, 0  # from ready on, below
         self.graphed: frozenset[str] = frozenset()  # modules replaying CUDA graphs
         started = time.perf_counter()
         self.pipe = load_pipeline(settings, device, self.dtype)
@@ -113,6 +118,7 @@ class Engine:
         if device.type == "cuda":
             log.info("GPU memory held by the instance on %s: %s", device, self.memory_by_gpu())
         self._calls, self._profile_call = 0, int(os.environ.get(PROFILE_ENV) or 0)
+        self._fault_call = int(os.environ.get(FAULT_ENV) or 0)
 
     def memory_by_gpu(self) -> str:
         """Memory this process's allocator holds on every visible GPU: an instance must hold
@@ -162,29 +168,48 @@ class Engine:
                 log.info("warmup %dx%d x%d: %s", height, width, size, result.timings_ms)
         return time.perf_counter() - started
 
-    def _template(self, text: str) -> str:
-        return self.pipe.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
+    @functools.cached_property
+    def _template_parts(self) -> tuple[list[int], list[int]]:
+        """The chat template's token ids before and after the user's text (diffusers' template:
+        one user message, a generation prompt, thinking enabled)."""
+        marker = "\x00zimage-prompt\x00"
+        text = self.pipe.tokenizer.apply_chat_template(
+            [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True,
             enable_thinking=True)
+        if text.count(marker) != 1:
+            raise RuntimeError("the tokenizer's chat template does not hold the prompt once")
+        before, after = text.split(marker)
+        return (self.pipe.tokenizer(before, add_special_tokens=False).input_ids,
+                self.pipe.tokenizer(after, add_special_tokens=False).input_ids)
+
+    def token_ids(self, text: str) -> list[int]:
+        """The text encoder's input for `text`: the chat template around it, with the user's
+        text tokenized as text. Tokenizing the templated string whole, as diffusers does, turns
+        `<|im_end|>` or `<think>` inside a prompt into control tokens that end the user's
+        message early; for text without them both give the same ids (tests)."""
+        before, after = self._template_parts
+        return before + self.pipe.tokenizer(text, add_special_tokens=False,
+                                            split_special_tokens=True).input_ids + after
 
     def count_tokens(self, text: str) -> int:
         """Tokens the text encoder sees for `text`, chat template included."""
-        return len(self.pipe.tokenizer(self._template(text), add_special_tokens=False).input_ids)
+        return len(self.token_ids(text))
 
     def encode_prompts(self, prompts: Sequence[str]) -> list[torch.Tensor]:
         """diffusers' ZImagePipeline._encode_prompt, padded to the longest prompt of the call
         instead of to max_prompt_tokens when `prompt_padding` is longest.
 
-        The text encoder is causal, so with padding on the right a real token never sees a pad
-        token: the embeddings are the same, computed over ~60 tokens instead of 512.
+        Padding goes on the right whatever the checkpoint's tokenizer says: the text encoder is
+        causal, so a real token never sees a pad token on its right, the embeddings are those
+        of an unpadded prompt, computed over ~60 tokens instead of 512, and each prompt's
+        embeddings are its first tokens.
         """
         tokenizer, limit = self.pipe.tokenizer, self.settings.limits.max_prompt_tokens
-        longest = (self.settings.optimizations.prompt_padding == "longest"
-                   and tokenizer.padding_side == "right")
-        inputs = tokenizer([self._template(p) for p in prompts],
-                           padding="longest" if longest else "max_length", max_length=limit,
-                           pad_to_multiple_of=64 if longest else None, truncation=True,
-                           return_tensors="pt")
+        longest = self.settings.optimizations.prompt_padding == "longest"
+        inputs = tokenizer.pad({"input_ids": [self.token_ids(p)[:limit] for p in prompts]},
+                               padding="longest" if longest else "max_length", max_length=limit,
+                               pad_to_multiple_of=64 if longest else None, padding_side="right",
+                               return_tensors="pt")
         # use_cache=False: a fresh KV cache per call is work nobody reads, and its state fails
         # the compiled layers' guards, so they recompiled on every prompt.
         mask = inputs.attention_mask.bool()
@@ -195,11 +220,8 @@ class Engine:
         hidden = self.pipe.text_encoder(
             input_ids=inputs.input_ids.to(self.device), attention_mask=mask.to(self.device),
             output_hidden_states=True, use_cache=False).hidden_states[-2]
-        if tokenizer.padding_side == "right":
-            # Slicing by lengths known on the host avoids the device sync of a boolean index.
-            out = [hidden[i, :n] for i, n in enumerate(mask.sum(dim=1).tolist())]
-        else:
-            out = [hidden[i][mask[i].to(self.device)] for i in range(len(prompts))]
+        # Slicing by lengths known on the host avoids the device sync of a boolean index.
+        out = [hidden[i, :n] for i, n in enumerate(mask.sum(dim=1).tolist())]
         # The next replay (the negative prompts', or the next call's) overwrites graph outputs.
         return [t.clone() for t in out] if graphs else out
 
@@ -220,6 +242,8 @@ class Engine:
         the same whether it ran alone or in a batch, and on any device.
         """
         self._calls += 1
+        if self._calls == self._fault_call:
+            self._break_device()
         if self._calls != self._profile_call:
             return self._run(requests, should_stop)
         from torch.profiler import ProfilerActivity, profile
@@ -234,6 +258,14 @@ class Engine:
                  result.timings_ms["compute"], result.timings_ms,
                  "; ".join(f"{name[:80]} {ms:.1f} ms" for name, ms in kernels[:8]))
         return result
+
+    def _break_device(self) -> None:
+        log.warning("%s is set: breaking %s on purpose", FAULT_ENV, self.device)
+        if self.device.type != "cuda":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        # An out-of-bounds index asserts on the device; the error is sticky from here on.
+        index = torch.full((1,), 1 << 20, device=self.device, dtype=torch.long)
+        torch.zeros(1, device=self.device)[index].item()
 
     def _run(self, requests: Sequence[GenerationRequest],
              should_stop: Callable[[], bool] | None) -> BatchResult:
