@@ -10,6 +10,7 @@ the first should not wait for the last.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import time
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from . import device_errors
 from .batching import plan_calls
 from .encoding import encode_image
 from .engine import Engine, GenerationCancelled
@@ -65,6 +67,9 @@ class Service:
         self.engine = engine
         self.settings = engine.settings
         self.metrics = metrics or Metrics()
+        # Set after a sticky CUDA error: the reason. Every later request is answered UNAVAILABLE
+        # without touching the device, and model.py takes the instance out of service.
+        self.broken: str | None = None
 
     def execute(self, incoming: Sequence[Incoming],
                 on_answer: Callable[[int, Answer], None] | None = None) -> list[Answer]:
@@ -125,6 +130,10 @@ class Service:
                   rows: dict, fail: Callable[[set[int], ServingError], None]) -> None:
         indexes = {item.index for item in call}
         requests = [item.request for item in call]
+        if self.broken is not None:
+            fail(indexes, self._unavailable())
+            return
+        out_of_memory = False
         try:
             result = self.engine.run(
                 requests, should_stop=lambda: all(incoming[i].is_cancelled() for i in indexes))
@@ -133,7 +142,22 @@ class Service:
             log.info("%d request(s) cancelled during generation: %s", len(indexes), exc)
             fail(indexes, ServingError(CANCELLED, "request was cancelled during generation"))
             return
-        except torch.OutOfMemoryError:
+        except Exception as exc:  # noqa: BLE001 - one failed call must not fail the others
+            if (sticky := device_errors.sticky_error(exc)) is not None:
+                log.exception("the device is broken; this instance leaves service")
+                self.broken = sticky
+                fail(indexes, self._unavailable())
+                return
+            if not device_errors.is_out_of_memory(exc):
+                log.exception("generation failed for %d request(s)", len(indexes))
+                fail(indexes, ServingError(INTERNAL, f"generation failed: {type(exc).__name__}"))
+                return
+            log.warning("out of device memory for %d image(s) of %dx%d: %s", len(call),
+                        requests[0].height, requests[0].width, str(exc).splitlines()[0][:200])
+            out_of_memory = True
+        if out_of_memory:
+            # Outside the handler: while it ran, the exception's traceback held the failed
+            # call's frames, and with them its latents and activations.
             self._release_memory()
             if len(call) > 1:
                 # The batch may be what did not fit: each half gets its own chance.
@@ -146,10 +170,6 @@ class Service:
                 f"RESOURCE_EXHAUSTED: out of device memory generating {r.height}x{r.width} with "
                 f"{r.num_inference_steps} steps; memory was released, retry smaller or later")))
             return
-        except Exception as exc:  # noqa: BLE001 - one failed call must not fail the others
-            log.exception("generation failed for %d request(s)", len(indexes))
-            fail(indexes, ServingError(INTERNAL, f"generation failed: {type(exc).__name__}"))
-            return
         self.metrics.batch(len(call), result.timings_ms, waited_ms)
         label = self.settings.model.weights_label
         for item, pixels in zip(call, result.pixels):
@@ -158,9 +178,16 @@ class Service:
             encoded = None
             if r.output_format != "raw":
                 started = time.perf_counter()
-                encoded = encode_image(pixels, r.output_format, self.settings.encoding,
-                                       {"Software": "zimage-triton", "Weights": label,
-                                        "Seed": str(r.seed)})
+                try:
+                    encoded = encode_image(pixels, r.output_format, self.settings.encoding,
+                                           {"Software": "zimage-triton", "Weights": label,
+                                            "Seed": str(r.seed)})
+                except Exception as exc:  # noqa: BLE001 - fails its own request only
+                    log.exception("encoding a %s image failed", r.output_format)
+                    fail({item.index}, ServingError(
+                        INTERNAL, f"encoding the {r.output_format} image failed: "
+                                  f"{type(exc).__name__}"))
+                    continue
                 timings["image_encode"] = round((time.perf_counter() - started) * 1000, 3)
                 self.metrics.stage("image_encode", timings["image_encode"])
             metadata = {"timings_ms": timings, "batch_size": len(call), "weights": label,
@@ -170,7 +197,14 @@ class Service:
             rows[item.index][item.row] = (encoded if encoded is not None else pixels,
                                           {"seed": r.seed, "metadata": metadata})
 
+    def _unavailable(self) -> ServingError:
+        return ServingError(UNAVAILABLE, (
+            f"UNAVAILABLE: this instance's device ({self.engine.device}) is broken and the "
+            f"instance is leaving service ({self.broken}); retry on another instance"))
+
     def _release_memory(self) -> None:
+        # Frames of the failed call may sit in reference cycles that only the collector frees.
+        gc.collect()
         if self.engine.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -122,14 +122,15 @@ def test_cancel_during_denoising_is_logged_with_the_steps_run(engine, caplog):
 class FailingEngine:
     """Stands in for a GPU engine to drive the out-of-memory and crash paths on a CPU."""
 
-    def __init__(self, engine, fits: int, error=torch.OutOfMemoryError):
+    def __init__(self, engine, fits: int, error=torch.OutOfMemoryError,
+                 message="CUDA out of memory. Tried to allocate 20.00 GiB"):
         self.settings, self.device, self.count_tokens = engine.settings, engine.device, len
-        self.fits, self.error, self.calls = fits, error, []
+        self.fits, self.error, self.message, self.calls = fits, error, message, []
 
     def run(self, requests, should_stop=None):
         self.calls.append(len(requests))
         if len(requests) > self.fits:
-            raise self.error("CUDA out of memory. Tried to allocate 20.00 GiB")
+            raise self.error(self.message)
         return BatchResult([np.zeros((r.height, r.width, 3), np.uint8) for r in requests],
                            {"denoise": 1.0})
 
@@ -147,7 +148,7 @@ def test_out_of_memory_splits_the_batch_then_reports_resource_exhausted(engine):
 
 
 def test_crash_fails_only_its_call_without_leaking_details(engine):
-    fake = FailingEngine(engine, fits=1, error=RuntimeError)
+    fake = FailingEngine(engine, fits=1, error=RuntimeError, message="shape mismatch in /srv/x.py")
     answers = Service(fake).execute([Incoming(PROMPT="a", HEIGHT=64, WIDTH=64),
                                      Incoming(PROMPT="b", HEIGHT=64, WIDTH=64),
                                      Incoming(PROMPT="c", HEIGHT=96, WIDTH=64)])

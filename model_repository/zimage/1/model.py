@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
@@ -69,17 +70,26 @@ class TritonPythonModel:
         labels = {"model": args["model_name"], "version": args["model_version"],
                   "device": str(device)}
         self.service = Service(self.engine, Metrics(pb_utils.MetricFamily, labels))
+        self.model_name, self.instance_name = args["model_name"], args["model_instance_name"]
+        self._leaving = False
 
     def execute(self, requests):
         # Each request is answered through its response sender the moment its answer is final,
         # so execute() returns None (Python backend >= 24.07 allows this without decoupling).
         senders = [r.get_response_sender() for r in requests]
-        answered: set[int] = set()
+        answered: set[int] = set()  # requests whose final response was sent
         incoming: list[_Incoming] = []
 
         def send(index: int, response) -> None:
+            if index in answered:
+                return
+            try:
+                senders[index].send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception:  # noqa: BLE001 - left unanswered, it gets the error answer below
+                log.exception("the answer to request %d of %d could not be sent", index,
+                              len(requests))
+                return
             answered.add(index)
-            senders[index].send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
         def on_answer(index: int, answer) -> None:
             send(index, self._response(incoming[index], answer))
@@ -87,12 +97,34 @@ class TritonPythonModel:
         try:
             incoming.extend(_Incoming(r) for r in requests)
             self.service.execute(incoming, on_answer)
-        except Exception as exc:  # noqa: BLE001 - every request still gets exactly one answer
+        except Exception:  # noqa: BLE001 - every request still gets exactly one answer
             log.exception("execute failed for %d request(s)", len(requests))
-            error = _triton_error("INTERNAL", f"internal error: {type(exc).__name__}")
-            for index in set(range(len(requests))) - answered:
-                send(index, pb_utils.InferenceResponse(error=error))
+        error = _triton_error("INTERNAL", "internal error: the server could not answer")
+        for index in set(range(len(requests))) - answered:
+            send(index, pb_utils.InferenceResponse(error=error))
+        if self.service.broken is not None and not self._leaving:
+            self._leave_service()
         return None
+
+    def _leave_service(self) -> None:
+        """After a sticky CUDA error no call on this process's device can succeed again: unload
+        the model, so that Triton's readiness turns false and a load balancer or Kubernetes
+        stops sending requests here (README, "A broken GPU"). The 2.51 Python backend has no
+        per-instance readiness, and a stub that exits leaves the model ready, failing every
+        request. Unloading needs --model-control-mode=explicit, which the launcher sets."""
+        self._leaving = True
+        log.error("instance %s leaves service: %s; unloading model %s", self.instance_name,
+                  self.service.broken, self.model_name)
+
+        def unload() -> None:
+            try:
+                pb_utils.unload_model(self.model_name)
+            except Exception:  # noqa: BLE001 - then requests keep getting UNAVAILABLE
+                log.exception("could not unload model %s; it stays loaded and answers "
+                              "UNAVAILABLE", self.model_name)
+
+        # Not from this thread: the unload waits for the execute() in flight, this one.
+        threading.Thread(target=unload, name="zimage-leave-service", daemon=True).start()
 
     @staticmethod
     def _response(request: _Incoming, answer):
