@@ -5,26 +5,19 @@ Per block, diffusers runs q, k and v as three matrix products over the same inpu
 feed-forward's w1 and w3 as two. One product with the weights concatenated does the same
 arithmetic in fewer, larger launches (each output column is computed as before). diffusers
 applies RoPE through complex64 tensors, which torch.compile cannot fuse into the surrounding
-kernels; written with cos and sin it fuses with the q/k norms. Weights are concatenated in
-place, so the fused transformer holds no extra copy.
+kernels; written with cos and sin (rope.py) it fuses with the q/k norms. Weights are
+concatenated in place, so the fused transformer holds no extra copy.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
-
-def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """x: [batch, seq, heads, head_dim]; freqs_cis: complex [batch, seq, head_dim / 2].
-    The complex product (a + ib)(c + id) of diffusers' version, in float32 as there."""
-    freqs = torch.view_as_real(freqs_cis).unsqueeze(2)
-    cos, sin = freqs[..., 0], freqs[..., 1]
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    out = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+from . import qk_norm_rope
+from .rope import apply_rotary
 
 
 class FusedAttnProcessor:
@@ -33,13 +26,14 @@ class FusedAttnProcessor:
 
     _attention_backend = None
     _parallel_config = None
+    # The backend for calls without a mask (diffusers passes none when every sequence of the
+    # batch has one length: a single prompt without guidance); None: _attention_backend.
+    unmasked_backend = None
     eager_attention = False  # set by set_eager_attention
-    qk_kernel = None  # the qk_norm_rope operator, set by use_qk_norm_rope_kernel
+    qk_kernel = None  # the qk_norm_rope operator, set by attach_qk_norm_rope
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  freqs_cis=None):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         qkv = attn.to_qkv(hidden_states)
         if self.qk_kernel is not None and freqs_cis is not None:
             # [3, batch, heads, seq, head_dim]: the layout the attention kernels read
@@ -57,9 +51,10 @@ class FusedAttnProcessor:
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
         attend = _eager_dispatch if self.eager_attention else dispatch_attention_fn
+        backend = self._attention_backend if attention_mask is not None or \
+            self.unmasked_backend is None else self.unmasked_backend
         out = attend(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                     is_causal=False, backend=self._attention_backend,
-                     parallel_config=self._parallel_config)
+                     is_causal=False, backend=backend, parallel_config=self._parallel_config)
         return attn.to_out[0](out.flatten(2, 3).to(query.dtype))
 
 
@@ -67,8 +62,6 @@ class FusedAttnProcessor:
 def _eager_dispatch(*args, **kwargs):
     """Attention outside torch.compile's graph: SDPA chooses its kernel at each call from the
     real tensors, not once when the graph is traced."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-
     return dispatch_attention_fn(*args, **kwargs)
 
 
@@ -78,31 +71,27 @@ def fused_attentions(transformer: nn.Module) -> list[nn.Module]:
             if isinstance(getattr(m, "processor", None), FusedAttnProcessor)]
 
 
-def use_qk_norm_rope_kernel(transformer: nn.Module, device: torch.device) -> str | None:
-    """Gives the fused blocks' attention the qk_norm_rope kernel; returns why it cannot, or
-    None when every fused block uses it."""
-    if device.type != "cuda":
-        return "needs CUDA; this instance runs on the CPU"
-    return attach_qk_norm_rope_kernel(transformer, device)
-
-
-def attach_qk_norm_rope_kernel(transformer: nn.Module, device: torch.device) -> str | None:
-    """use_qk_norm_rope_kernel on any device Triton runs on (the CPU only under
-    TRITON_INTERPRET, which the tests use)."""
-    from . import qk_norm_rope
-
+def attach_qk_norm_rope(transformer: nn.Module, device: torch.device) -> str | None:
+    """Gives the fused blocks' attention the qk_norm_rope kernel after checking it on `device`
+    at their own shape; returns why it cannot, or None when every fused block uses it. Runs
+    wherever Triton does (the CPU only under TRITON_INTERPRET, which the tests use)."""
     attentions = fused_attentions(transformer)
     if not attentions:
         return "needs fuse_projections"
     op = qk_norm_rope.operator()
     if op is None:
         return "Triton is not installed"
-    for attn in attentions:
-        if attn.norm_q is None or attn.norm_k is None or attn.norm_q.eps != attn.norm_k.eps \
-                or not qk_norm_rope.fits(attn.heads, attn.norm_q.weight.numel()):
-            return "attention without q/k norms of one power-of-two head size"
-    if (problem := qk_norm_rope.self_check(device)) is not None:
-        return f"self-check failed: {problem}"
+    shapes = {(attn.heads, attn.norm_q.weight.numel() if attn.norm_q is not None else 0,
+               attn.norm_q.eps if attn.norm_q is not None else None) for attn in attentions}
+    if any(attn.norm_q is None or attn.norm_k is None or attn.norm_q.eps != attn.norm_k.eps
+           for attn in attentions) or len(shapes) != 1:
+        return "attention without q/k norms of one shape"
+    [(heads, head_dim, eps)] = shapes
+    if not qk_norm_rope.fits(heads, head_dim):
+        return f"{heads} heads of {head_dim}: the kernel takes power-of-two heads of 16 to 256"
+    dtype = attentions[0].norm_q.weight.dtype
+    if (problem := qk_norm_rope.self_check(device, heads, head_dim, eps, dtype)) is not None:
+        return f"self-check at {heads} heads of {head_dim} failed: {problem}"
     for attn in attentions:
         # One [2, head_dim] tensor for the kernel; a buffer, so it follows the module's device.
         attn.register_buffer("norm_qk_weight", torch.stack(
