@@ -26,7 +26,7 @@ import torch
 
 from bench.common import (PROMPT, Timer, config_with, deviation, stamp, summarize,
                           write_json)
-from zimage_backend import float8, fusion, optimizations
+from zimage_backend import float8, fusion
 from zimage_backend.encoding import encode_image
 from zimage_backend.engine import Engine, kernel_times_ms
 from zimage_backend.request import GenerationRequest
@@ -255,8 +255,9 @@ def main() -> None:
 
     fusion.fuse_transformer(engine.pipe.transformer)
     # The engine skipped the kernel at start (it needs the fused blocks); the default has it.
-    optimizations.apply_qk_norm_rope_kernel(engine.pipe, settings.optimizations, engine.device,
-                                            engine.report)
+    if settings.optimizations.qk_norm_rope and engine.device.type == "cuda":
+        why = fusion.attach_qk_norm_rope(engine.pipe.transformer, engine.device)
+        engine.report.add("qk_norm_rope", "applied" if why is None else "fallback", why or "")
     engine.settings = dataclasses.replace(engine.settings, optimizations=dataclasses.replace(
         engine.settings.optimizations, fuse_projections=True,
         warmup=dataclasses.replace(engine.settings.optimizations.warmup, enabled=True)))
@@ -281,7 +282,7 @@ def main() -> None:
          _pipe_flip(vae.disable_tiling, vae.enable_tiling) if opts.vae_tiling else
          _pipe_flip(vae.enable_tiling, vae.disable_tiling)),
         ("vae_slicing", "on", _pipe_flip(vae.enable_slicing, vae.disable_slicing)),
-        ("qk_norm_rope_kernel", "off (torch.compile's kernels)",
+        ("qk_norm_rope", "off (torch.compile's kernels)",
          _qk_kernel_off(engine.pipe.transformer)),
         ("attention_backend", "_native_flash", _attention(engine, "_native_flash")),
         ("attention_backend", "native (SDPA picks)", _attention(engine, "native")),

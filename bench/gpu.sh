@@ -45,7 +45,7 @@ for step in "$@"; do
         --out "$OUT/graphs_off.json"
       inproc -m bench.engine --out "$OUT/graphs_on.json" ;;
     qk)
-      inproc -m bench.engine --set optimizations.qk_norm_rope_kernel=false \
+      inproc -m bench.engine --set optimizations.qk_norm_rope=false \
         --out "$OUT/qk_off.json"
       inproc -m bench.engine --out "$OUT/qk_on.json" ;;
     engine)

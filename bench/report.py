@@ -171,7 +171,7 @@ AB_RUNS = (
     (("graphs_off", "graphs_on"), "Text encoder CUDA graphs", "text encoder",
      ("compiled, no CUDA graphs", "compiled, CUDA graphs")),
     (("qk_off", "qk_on"), "q/k norms and RoPE: torch.compile's kernels or the qk_norm_rope kernel",
-     "q/k norms and RoPE", ("torch.compile", "`qk_norm_rope_kernel: true`")),
+     "q/k norms and RoPE", ("torch.compile", "`qk_norm_rope: true`")),
 )
 
 

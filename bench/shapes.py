@@ -38,8 +38,11 @@ def _recompile(engine: Engine, dynamic: bool | None) -> None:
     torch._dynamo.reset()
     opts = engine.settings.optimizations
     _with_opts(engine, torch_compile=dataclasses.replace(opts.torch_compile, dynamic=dynamic))
-    optimizations.apply_compile(engine.pipe, engine.settings.optimizations, engine.device,
-                                optimizations.Report())
+    compile_step = tuple(s for s in optimizations.STEPS if s.switch == "torch_compile")
+    optimized = optimizations.optimize(optimizations.Context(
+        pipe=engine.pipe, settings=engine.settings, device=engine.device,
+        report=optimizations.Report(), run_once=engine._first_run), compile_step)
+    engine.graphed = optimized.graphed
 
 
 def main() -> None:

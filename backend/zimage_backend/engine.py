@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import logging
 import os
 import time
@@ -90,25 +91,27 @@ class Engine:
             # Allocations without an explicit device must land on this instance's GPU, never
             # on GPU 0 of a multi-GPU host.
             torch.cuda.set_device(device)
-        self.report = optimizations.Report()
+        if device.type == "cuda" and settings.limits.gpu_memory_gib is not None:
+            # A budget for sharing a GPU, and for showing out-of-memory recovery on any card.
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(
+                min(1.0, settings.limits.gpu_memory_gib * 2**30 / total), device)
         self._calls, self._profile_call, self._fault_call = 0, 0, 0  # from ready on, below
         self.graphed: frozenset[str] = frozenset()  # modules replaying CUDA graphs
         started = time.perf_counter()
         self.pipe = load_pipeline(settings, device, self.dtype)
-        opts = settings.optimizations
-        if optimizations.apply_before_placement(self.pipe, opts, device, self.report):
-            self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
-        optimizations.apply_after_placement(self.pipe, opts, device, self.report)
-        optimizations.apply_to_transformer(self.pipe, opts, device, self.report)
-        self.attention_backend = optimizations.select_attention_backend(
-            self.pipe, opts, self.report, self._smoke_test)
-        self.graphed = optimizations.apply_compile(self.pipe, opts, device, self.report)
         # diffusers finds these two by walking every module of the models, on every call and
-        # every step: 5 ms per image at the full model's size, while the GPU waited for the
-        # first step. Neither changes once the pipeline is built.
+        # every step, while the GPU waited for the first step (bench/results/
+        # 2026-11-26-h100-c/results.md). Neither changes once the pipeline is loaded.
         _freeze_property(self.pipe, "_execution_device", device)
         _freeze_property(self.pipe.transformer, "dtype", self.pipe.transformer.dtype)
+        optimized = optimizations.optimize(optimizations.Context(
+            pipe=self.pipe, settings=settings, device=device, report=optimizations.Report(),
+            run_once=self._first_run))
+        self.report = optimized.report
+        self.attention_backend = optimized.attention_backend
+        self.graphed = optimized.graphed
         self.load_seconds = time.perf_counter() - started
         self.warmup_seconds = self._warmup()
         log.info("engine ready on %s (%s, weights: %s): load %.1f s, warmup %.1f s",
@@ -118,6 +121,11 @@ class Engine:
         if device.type == "cuda":
             log.info("GPU memory held by the instance on %s: %s", device, self.memory_by_gpu())
         self._calls, self._profile_call = 0, int(os.environ.get(PROFILE_ENV) or 0)
+        # The pipeline's ~430,000 Python objects live as long as the process. Left to the
+        # collector, each full collection walked them all: ~0.5 s on a CPU, every few requests,
+        # while the next request waited in Triton's queue. Frozen, collections skip them.
+        gc.collect()
+        gc.freeze()
         self._fault_call = int(os.environ.get(FAULT_ENV) or 0)
 
     def memory_by_gpu(self) -> str:
@@ -137,13 +145,13 @@ class Engine:
                                  guidance_scale=self.settings.defaults.guidance_scale, seed=0,
                                  output_format="raw")
 
-    def _smoke_test(self) -> None:
-        """The smallest run that touches attention with a mask (two captions of unequal length)
-        when batching is possible."""
-        size = self.settings.limits.min_size
-        prompts = ["smoke test", "a longer smoke test prompt with more tokens in it"]
-        n = min(2, self.settings.limits.images_per_call(size, size))
-        self.run([self._request(p, size, 1) for p in prompts[:n]])
+    def _first_run(self, graphed: frozenset[str]) -> None:
+        """One step at the default size, with `graphed` the modules that replay CUDA graphs:
+        compiled code is first traced, and made static, for the size served most."""
+        self.graphed = graphed
+        defaults = self.settings.defaults
+        self.run([dataclasses.replace(self._request("first run", 0, 1), height=defaults.height,
+                                      width=defaults.width)])
 
     def _warmup(self) -> float:
         """Runs each warmup size before the model reports ready; with torch.compile also as a

@@ -1,7 +1,11 @@
 """Applies the optimization switches of config.yaml to a loaded pipeline, and says what happened.
 
-Every switch ends in the report as applied, skipped (off, or needs CUDA on a CPU instance) or
-fallen back (tried and failed), with the reason, so the startup log shows what really runs.
+The order is declared in `STEPS`, not implied by a sequence of calls: module rewrites first (they
+replace layers, so they must meet real weights, not the placeholders that offload hooks leave),
+then placement, then the switches that only set flags, then attention, then compilation. Each
+step has its requirement (why it cannot run here) and its own check on the instance's device,
+so every switch ends in the report as applied, off, skipped (its requirement is not met) or
+fallback (its check failed), with its own reason; the startup log shows what really runs.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ import logging
 from collections.abc import Callable
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from . import float8, fusion
-from .settings import Optimizations
+from .settings import Optimizations, Settings
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +36,7 @@ class Report:
 
     def add(self, switch: str, status: str, detail: str = "") -> None:
         self.outcomes.append(Outcome(switch, status, detail))
-        log.info("optimization %-18s %-8s %s", switch, status, detail)
+        log.info("optimization %-26s %-8s %s", switch, status, detail)
 
     def status(self, switch: str) -> str:
         return next(o.status for o in reversed(self.outcomes) if o.switch == switch)
@@ -40,25 +45,111 @@ class Report:
         return {o.switch: {"status": o.status, "detail": o.detail} for o in self.outcomes}
 
 
-def _cuda_switch(report: Report, name: str, enabled: bool, cuda: bool, apply: Callable[[], str]):
-    if not enabled:
-        report.add(name, "off")
-    elif not cuda:
-        report.add(name, "skipped", "needs CUDA; this instance runs on the CPU")
-    else:
-        report.add(name, "applied", apply())
+class CheckFailed(Exception):
+    """A step's check failed on this device: the step is reported `fallback` with this reason,
+    and the pipeline is left as it was before the step or with the next choice applied."""
 
 
-def apply_before_placement(pipe, opts: Optimizations, device: torch.device, report: Report) -> bool:
-    """Switches that decide where the weights live. Returns whether the caller should still move
-    the whole pipeline to `device` (not when CPU offload manages placement itself)."""
-    mode = opts.memory_mode
-    if mode == "performance":
-        report.add("memory_mode", "applied", "performance: every weight on the GPU")
-        return True
-    if device.type != "cuda":
-        report.add("memory_mode", "skipped", "needs CUDA; this instance runs on the CPU")
-        return True
+@dataclasses.dataclass
+class Context:
+    """What the steps work on, and what they leave for the engine."""
+
+    pipe: object
+    settings: Settings
+    device: torch.device
+    report: Report
+    # One pipeline run through the engine, given the modules that replay CUDA graphs (compile's
+    # check).
+    run_once: Callable[[frozenset[str]], None]
+    attention_backend: str = "native"
+    unmasked_attention_backend: str | None = None
+    graphed: frozenset[str] = frozenset()  # compiled modules that replay CUDA graphs
+
+    @property
+    def opts(self) -> Optimizations:
+        return self.settings.optimizations
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def applied(self, switch: str) -> bool:
+        return any(o.switch == switch and o.status == "applied" for o in self.report.outcomes)
+
+
+_NEEDS_CUDA = "needs CUDA; this instance runs on the CPU"
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    switch: str
+    enabled: Callable[[Optimizations], bool]
+    # Why the step cannot run on this instance, or None.
+    requirement: Callable[[Context], str | None]
+    # Does the step and says what it did; raises CheckFailed when its check fails.
+    apply: Callable[[Context], str]
+
+
+def _always(ctx: Context) -> str | None:
+    return None
+
+
+def _cuda_only(ctx: Context) -> str | None:
+    return None if ctx.cuda else _NEEDS_CUDA
+
+
+# ----------------------------------------------------------------------- module rewrites
+
+
+def _fuse(ctx: Context) -> str:
+    count = fusion.fuse_transformer(ctx.pipe.transformer)
+    return f"{count} blocks: qkv and w1/w3 fused"
+
+
+def _qk_norm_rope_requirement(ctx: Context) -> str | None:
+    if not ctx.cuda:
+        return _NEEDS_CUDA
+    return None if ctx.applied("fuse_projections") else "needs fuse_projections"
+
+
+def _qk_norm_rope(ctx: Context) -> str:
+    if (why := fusion.attach_qk_norm_rope(ctx.pipe.transformer, ctx.device)) is not None:
+        raise CheckFailed(why)
+    return "q/k RMS norms and RoPE in one Triton kernel per attention, checked at the model's shape"
+
+
+def _fp8_requirement(ctx: Context) -> str | None:
+    if (why := float8.supported(ctx.device)) is not None:
+        return why
+    if (dtype := ctx.pipe.transformer.dtype) != torch.bfloat16:
+        return (f"needs model.dtype bfloat16 (the per-row scaled products write bfloat16); "
+                f"the transformer is {str(dtype).removeprefix('torch.')}")
+    if ctx.opts.memory_mode != "performance":
+        return "needs memory_mode performance (offload moves the weights)"
+    return None
+
+
+def _fp8(ctx: Context) -> str:
+    tokens = float8.served_tokens(ctx.settings)
+    if (why := float8.check_products(ctx.pipe.transformer, ctx.device, tokens)) is not None:
+        raise CheckFailed(why)
+    count = float8.quantize_transformer(ctx.pipe.transformer, ctx.device)
+    return (f"{count} linear layers: float8 e4m3, per-row scales; products checked against "
+            f"bfloat16 at {tokens} tokens")
+
+
+# ------------------------------------------------------------------------------ placement
+
+
+def _place(ctx: Context) -> str:
+    """Where the weights live."""
+    pipe, mode, device = ctx.pipe, ctx.opts.memory_mode, ctx.device
+    if mode == "performance" or not ctx.cuda:
+        pipe.to(device)
+        if not ctx.cuda and mode != "performance":
+            raise _Skipped(_NEEDS_CUDA)
+        return "performance: every weight on the GPU" if ctx.cuda else \
+            "performance: every weight on the CPU"
     gpu = device.index or 0
     if mode == "balanced":
         from diffusers.hooks import apply_group_offloading
@@ -66,7 +157,7 @@ def apply_before_placement(pipe, opts: Optimizations, device: torch.device, repo
         # The text encoder (8 GB of the 20) runs once per request, so it streams in: one layer
         # at a time from pinned host memory on a copy stream that fetches the next layer while
         # one runs. diffusers' model offload, tried first, copied every model out and back in
-        # per request: 16 s per image on an H200.
+        # per request (bench/results/2026-11-26-h200x2-c/results.md).
         apply_group_offloading(pipe.text_encoder, onload_device=device,
                                offload_type="block_level", num_blocks_per_group=1,
                                use_stream=True)
@@ -78,177 +169,252 @@ def apply_before_placement(pipe, opts: Optimizations, device: torch.device, repo
     else:
         pipe.enable_sequential_cpu_offload(gpu_id=gpu)
         detail = "sequential CPU offload: weights stream to the GPU layer by layer"
-    report.add("memory_mode", "applied", f"{mode}: {detail} (cuda:{gpu})")
-    return False
+    return f"{mode}: {detail} (cuda:{gpu})"
 
 
-def apply_to_transformer(pipe, opts: Optimizations, device: torch.device, report: Report) -> None:
-    """Rewrites of the transformer's blocks; before compile, which then traces the new code."""
-    if opts.fuse_projections:
-        count = fusion.fuse_transformer(pipe.transformer)
-        report.add("fuse_projections", "applied", f"{count} blocks: qkv and w1/w3 fused")
-    else:
-        report.add("fuse_projections", "off")
-    apply_qk_norm_rope_kernel(pipe, opts, device, report)
-    if not opts.fp8:
-        report.add("fp8", "off")
-    elif (why := float8.supported(device)) is not None:
-        report.add("fp8", "skipped", why)
-    elif opts.memory_mode != "performance":
-        report.add("fp8", "skipped", "needs memory_mode performance (offload moves the weights)")
-    else:
-        count = float8.quantize_transformer(pipe.transformer)
-        report.add("fp8", "applied", f"{count} linear layers: float8 e4m3, per-row scales")
+class _Skipped(Exception):
+    """A step that did what it could but whose switch does not apply here (memory_mode on a
+    CPU instance: the weights are still placed)."""
 
 
-def apply_qk_norm_rope_kernel(pipe, opts: Optimizations, device: torch.device,
-                              report: Report) -> None:
-    """After projection fusion: the kernel replaces code in the fused blocks."""
-    if not opts.qk_norm_rope_kernel:
-        report.add("qk_norm_rope_kernel", "off")
-    elif (why := fusion.use_qk_norm_rope_kernel(pipe.transformer, device)) is not None:
-        report.add("qk_norm_rope_kernel", "skipped", why)
-    else:
-        report.add("qk_norm_rope_kernel", "applied", "q/k RMS norms and RoPE in one Triton "
-                   "kernel per attention")
+# ---------------------------------------------------------------------------------- flags
 
 
-def apply_after_placement(pipe, opts: Optimizations, device: torch.device, report: Report) -> None:
-    cuda = device.type == "cuda"
+def _cudnn_benchmark(ctx: Context) -> str:
+    torch.backends.cudnn.benchmark = True
+    return "cuDNN picks the fastest convolution per shape (VAE)"
 
-    def cudnn_benchmark() -> str:
-        torch.backends.cudnn.benchmark = True
-        return "cuDNN picks the fastest convolution per shape (VAE)"
 
-    def tf32() -> str:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        return "float32 matmuls and convolutions may use TF32"
+def _tf32(ctx: Context) -> str:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return "float32 matmuls and convolutions may use TF32"
 
-    _cuda_switch(report, "cudnn_benchmark", opts.cudnn_benchmark, cuda, cudnn_benchmark)
-    _cuda_switch(report, "tf32", opts.tf32, cuda, tf32)
 
-    if opts.channels_last:
-        pipe.vae.to(memory_format=torch.channels_last)
-        report.add("channels_last", "applied", "VAE in channels_last")
-    else:
-        report.add("channels_last", "off")
-    # The memory modes turn on the slicing they need; the switches can add more.
-    by_mode = f"memory_mode {opts.memory_mode} turns it on"
-    vae_slicing = opts.vae_slicing or opts.memory_mode != "performance"
-    for name, enabled, on, implied in (
-            ("vae_tiling", opts.vae_tiling, pipe.vae.enable_tiling, False),
-            ("vae_slicing", vae_slicing, pipe.vae.enable_slicing, not opts.vae_slicing)):
-        if enabled:
-            on()
-            report.add(name, "applied", by_mode if implied else "")
-        else:
-            report.add(name, "off")
-    if not opts.attention_slicing:
-        report.add("attention_slicing", "off")
-    elif not any(hasattr(m, "set_attention_slice") for m in pipe.components.values()):
+def _channels_last(ctx: Context) -> str:
+    ctx.pipe.vae.to(memory_format=torch.channels_last)
+    return "VAE in channels_last"
+
+
+def _vae_tiling(ctx: Context) -> str:
+    ctx.pipe.vae.enable_tiling()
+    return ""
+
+
+def _vae_slicing(ctx: Context) -> str:
+    ctx.pipe.vae.enable_slicing()
+    return "" if ctx.opts.vae_slicing else f"memory_mode {ctx.opts.memory_mode} turns it on"
+
+
+def _attention_slicing_requirement(ctx: Context) -> str | None:
+    if not any(hasattr(m, "set_attention_slice") for m in ctx.pipe.components.values()):
         # diffusers' enable_attention_slicing would silently do nothing here.
-        report.add("attention_slicing", "skipped", "no model of this pipeline slices attention; "
-                   "its attention kernels never hold the full score matrix anyway")
-    else:
-        pipe.enable_attention_slicing()
-        report.add("attention_slicing", "applied")
-    report.add("inference_mode", "applied" if opts.inference_mode else "off",
-               "torch.inference_mode" if opts.inference_mode else "torch.no_grad")
+        return ("no model of this pipeline slices attention; its attention kernels never hold "
+                "the full score matrix anyway")
+    return None
+
+
+def _attention_slicing(ctx: Context) -> str:
+    ctx.pipe.enable_attention_slicing()
+    return ""
+
+
+# ------------------------------------------------------------------------------ attention
 
 
 def _cudnn_loaded() -> str:
     """Which cuDNN this process loaded. SDPA picks its kernel by it: with the system's older
     cuDNN found first on LD_LIBRARY_PATH, it chose FlashAttention-2 over cuDNN attention
-    (216 against 140 ms per 1024x1024 image on an H200)."""
+    (bench/results/2026-11-26-h100-b/NOTES.md)."""
     try:
         return f"cuDNN {torch.backends.cudnn.version()} loaded"
     except RuntimeError as exc:  # torch refuses a cuDNN other than the one it was built with
         return f"cuDNN mismatch: {str(exc).splitlines()[0][:200]}"
 
 
-def select_attention_backend(pipe, opts: Optimizations, report: Report,
-                             smoke_test: Callable[[], None]) -> str:
-    """Walks the fallback chain: a backend wins when it can be set and `smoke_test` runs with it.
+def attention_check(transformer, device: torch.device, backend: str, masked: bool) -> None:
+    """One attention call at the model's head shape through `backend`, against the math
+    kernel; with `masked`, over two sequences of unequal length (the mask that captions of
+    different lengths in one batch need, which flash kernels refuse)."""
+    block = transformer.layers[0].attention
+    heads = block.heads
+    head_dim = block.norm_q.weight.numel() if block.norm_q is not None else \
+        transformer.config.dim // heads
+    dtype = next(transformer.parameters()).dtype
+    generator = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn((2, 48, heads, head_dim), generator=generator, device=device)
+               .to(dtype) for _ in range(3))
+    mask = None
+    if masked:
+        mask = torch.ones((2, 1, 1, 48), dtype=torch.bool, device=device)
+        mask[1, ..., 40:] = False
+    got = dispatch_attention_fn(q, k, v, attn_mask=mask, backend=backend)
+    want = dispatch_attention_fn(q.float(), k.float(), v.float(), attn_mask=mask,
+                                 backend="_native_math")
+    error = ((got.float() - want).norm() / want.norm()).item()
+    if not error < 2e-2:
+        raise RuntimeError(f"differs from the math kernel by {error:.3g} (relative L2)")
 
-    The smoke test matters: flash kernels load fine yet refuse the attention mask that captions of
-    different lengths in one batch need.
-    """
+
+def _choose_backend(ctx: Context, names: tuple[str, ...], masked: bool) -> tuple[str, str]:
+    """Sets the first backend of `names` that can be set and passes its check and returns its
+    name and why the ones before it were passed over; raises RuntimeError when none passes (the
+    instance cannot serve)."""
     reasons = []
-    for name in opts.attention_backends:
+    transformer = ctx.pipe.transformer
+    for name in names:
         try:
-            pipe.transformer.set_attention_backend(name)
-            smoke_test()
+            transformer.set_attention_backend(name)
+            attention_check(transformer, ctx.device, name, masked)
         except Exception as exc:  # noqa: BLE001 - any failure moves on to the next backend
             reasons.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             continue
-        detail = name + (f" (fell back past {'; '.join(reasons)})" if reasons else "")
-        if torch.cuda.is_available():
-            detail += f"; {_cudnn_loaded()}"
-        report.add("attention_backend", "fallback" if reasons else "applied", detail)
-        return name
-    raise RuntimeError("no attention backend works: " + "; ".join(reasons))
+        return name, "; ".join(reasons)
+    raise RuntimeError("no attention backend passed its check: " + "; ".join(reasons))
 
 
-def apply_compile(pipe, opts: Optimizations, device: torch.device,
-                  report: Report) -> frozenset[str]:
-    """Compiles the modules config.yaml names; returns those that replay CUDA graphs."""
-    compile_opts = opts.torch_compile
-    if not compile_opts.enabled:
-        report.add("torch_compile", "off")
-        return frozenset()
-    if device.type != "cuda":
-        report.add("torch_compile", "skipped", "needs CUDA; this instance runs on the CPU")
-        return frozenset()
-    if opts.memory_mode == "memory_constrained":
+def _attention(ctx: Context) -> str:
+    ctx.attention_backend, passed_over = _choose_backend(ctx, ctx.opts.attention_backends,
+                                                         masked=True)
+    detail = ctx.attention_backend + (f"; {_cudnn_loaded()}" if torch.cuda.is_available() else "")
+    if passed_over:
+        raise CheckFailed(f"{detail} (fell back past {passed_over})")
+    return detail
+
+
+def _unmasked_attention_requirement(ctx: Context) -> str | None:
+    return None if fusion.fused_attentions(ctx.pipe.transformer) else "needs fuse_projections"
+
+
+def _unmasked_attention(ctx: Context) -> str:
+    try:
+        name, passed_over = _choose_backend(ctx, ctx.opts.unmasked_attention_backends,
+                                            masked=False)
+    finally:
+        # Choosing set every processor's backend: the masked calls' goes back.
+        ctx.pipe.transformer.set_attention_backend(ctx.attention_backend)
+    for attn in fusion.fused_attentions(ctx.pipe.transformer):
+        attn.processor.unmasked_backend = name
+    ctx.unmasked_attention_backend = name
+    detail = f"{name} for calls without a mask (one prompt, no guidance)"
+    if passed_over:
+        raise CheckFailed(f"{detail} (fell back past {passed_over})")
+    return detail
+
+
+# -------------------------------------------------------------------------------- compile
+
+
+def _compile_requirement(ctx: Context) -> str | None:
+    if not ctx.cuda:
+        return _NEEDS_CUDA
+    if ctx.opts.memory_mode == "memory_constrained":
         # Offload hooks on every layer break the compiled graphs at each of them.
-        report.add("torch_compile", "skipped", "memory_mode memory_constrained streams weights "
-                   "per layer")
-        return frozenset()
+        return "memory_mode memory_constrained streams weights per layer"
+    return None
+
+
+def _compiled_modules(ctx: Context) -> list[tuple[str, torch.nn.Module]]:
+    pipe, out = ctx.pipe, []
+    for module in ctx.opts.torch_compile.modules:
+        if module == "transformer":
+            out += [(module, block) for block in pipe.transformer.modules()
+                    if type(block).__name__ in pipe.transformer._repeated_blocks]
+        elif module == "vae_decoder":
+            out.append((module, pipe.vae.decoder))
+        elif module == "text_encoder" and ctx.opts.memory_mode == "performance":
+            encoder = pipe.text_encoder
+            layers = encoder.layers if hasattr(encoder, "layers") else encoder.model.layers
+            out += [(module, layer) for layer in layers]
+    return out
+
+
+def _compile(ctx: Context) -> str:
+    """Compiles the modules config.yaml names, checked by one run at the first warmup size (the
+    shape compiled first gets static code: the one served most)."""
+    compile_opts = ctx.opts.torch_compile
     # Every block of the transformer (and every text-encoder layer) shares one code object, and
     # each block kind, batch size, caption length and image size adds a compiled variant. Past
-    # torch's default limit of 8 the blocks silently run eagerly: measured on an H200, denoising
-    # went from 770 to 1340 ms.
+    # torch's default limit of 8 the blocks silently run eagerly (bench/results/
+    # 2026-11-26-h200x2-c/results.md).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     done, graphed = [], set()
-
-    def kwargs_for(module: str) -> dict:
-        # A CUDA graph replays a module's kernels in one launch: for a launch-bound module (a
-        # short prompt through the text encoder's 36 layers) the CPU stops setting the pace.
-        graphs = module in compile_opts.cuda_graphs
-        if graphs:
-            graphed.add(module)
-        return dict(mode="reduce-overhead" if graphs else compile_opts.mode,
-                    fullgraph=compile_opts.fullgraph, dynamic=compile_opts.dynamic)
-
     if not compile_opts.attention_in_graph:
-        if fusion.set_eager_attention(pipe.transformer, True):
+        if fusion.set_eager_attention(ctx.pipe.transformer, True):
             done.append("attention outside the graph")
         else:
             done.append("attention in the graph (attention_in_graph false needs "
                         "fuse_projections)")
-    for module in compile_opts.modules:
-        if module == "transformer":
-            # Compiling the repeated block once compiles in seconds what a whole-model compile
-            # takes minutes for, at the same speed (diffusers' regional compilation).
-            pipe.transformer.compile_repeated_blocks(**kwargs_for(module))
-            done.append("transformer (repeated blocks)")
-        elif module == "vae_decoder":
-            pipe.vae.decoder.compile(**kwargs_for(module))
-            done.append("vae_decoder")
-        elif module == "text_encoder":
-            if opts.memory_mode != "performance":
-                # Its layers carry the offload hooks that stream their weights in.
-                done.append(f"not text_encoder (memory_mode {opts.memory_mode} streams it)")
-                continue
-            # Its decoder layers, the same way: the model's own forward builds masks and
-            # caches that need not be traced. A short prompt's encode is launch-bound.
-            encoder = pipe.text_encoder
-            layers = encoder.layers if hasattr(encoder, "layers") else encoder.model.layers
-            layer_kwargs = kwargs_for(module)
-            for layer in layers:
-                layer.compile(**layer_kwargs)
-            done.append("text_encoder (decoder layers)")
+    modules = _compiled_modules(ctx)
+    for name, module in modules:
+        # A CUDA graph replays a module's kernels in one launch: for a launch-bound module (a
+        # short prompt through the text encoder's 36 layers) the CPU stops setting the pace.
+        graphs = name in compile_opts.cuda_graphs
+        if graphs:
+            graphed.add(name)
+        module.compile(mode="reduce-overhead" if graphs else compile_opts.mode,
+                       fullgraph=compile_opts.fullgraph, dynamic=compile_opts.dynamic)
+    names = list(dict.fromkeys(name for name, _ in modules))
+    if "text_encoder" in compile_opts.modules and "text_encoder" not in names:
+        done.append(f"not text_encoder (memory_mode {ctx.opts.memory_mode} streams it)")
+    ctx.graphed = frozenset(graphed)
+    try:
+        ctx.run_once(ctx.graphed)
+    except Exception as exc:  # noqa: BLE001 - compiled code that fails is not served
+        for _, module in modules:
+            module._compiled_call_impl = None
+        fusion.set_eager_attention(ctx.pipe.transformer, False)
+        ctx.graphed = frozenset()
+        torch._dynamo.reset()
+        raise CheckFailed(f"the first compiled run failed, serving eager code: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     graphs = f"; CUDA graphs: {', '.join(sorted(graphed))}" if graphed else ""
-    report.add("torch_compile", "applied", f"{', '.join(done)}; mode={compile_opts.mode}{graphs}")
-    return frozenset(graphed)
+    return f"{', '.join(names + done)}; mode={compile_opts.mode}{graphs}"
+
+
+def _inference_mode(ctx: Context) -> str:
+    return "torch.inference_mode"
+
+
+STEPS: tuple[Step, ...] = (
+    # Module rewrites: before placement and offload hooks.
+    Step("fuse_projections", lambda o: o.fuse_projections, _always, _fuse),
+    Step("qk_norm_rope", lambda o: o.qk_norm_rope, _qk_norm_rope_requirement, _qk_norm_rope),
+    Step("fp8", lambda o: o.fp8, _fp8_requirement, _fp8),
+    # Placement.
+    Step("memory_mode", lambda o: True, _always, _place),
+    # Flags.
+    Step("cudnn_benchmark", lambda o: o.cudnn_benchmark, _cuda_only, _cudnn_benchmark),
+    Step("tf32", lambda o: o.tf32, _cuda_only, _tf32),
+    Step("channels_last", lambda o: o.channels_last, _always, _channels_last),
+    Step("vae_tiling", lambda o: o.vae_tiling, _always, _vae_tiling),
+    # The memory modes turn on the slicing they need.
+    Step("vae_slicing", lambda o: o.vae_slicing or o.memory_mode != "performance", _always,
+         _vae_slicing),
+    Step("attention_slicing", lambda o: o.attention_slicing, _attention_slicing_requirement,
+         _attention_slicing),
+    Step("inference_mode", lambda o: o.inference_mode, _always, _inference_mode),
+    # Attention, checked alone at the model's head shape.
+    Step("attention_backend", lambda o: True, _always, _attention),
+    Step("unmasked_attention_backend", lambda o: bool(o.unmasked_attention_backends),
+         _unmasked_attention_requirement, _unmasked_attention),
+    # Compilation, checked by a run at the first warmup size.
+    Step("torch_compile", lambda o: o.torch_compile.enabled, _compile_requirement, _compile),
+)
+
+
+def optimize(ctx: Context, steps: tuple[Step, ...] = STEPS) -> Context:
+    """Runs `steps` in order on `ctx.pipe`; every step adds one outcome to `ctx.report`."""
+    for step in steps:
+        if not step.enabled(ctx.opts):
+            ctx.report.add(step.switch, "off")
+        elif (why := step.requirement(ctx)) is not None:
+            ctx.report.add(step.switch, "skipped", why)
+        else:
+            try:
+                ctx.report.add(step.switch, "applied", step.apply(ctx))
+            except _Skipped as exc:
+                ctx.report.add(step.switch, "skipped", str(exc))
+            except CheckFailed as exc:
+                ctx.report.add(step.switch, "fallback", str(exc))
+    return ctx

@@ -78,6 +78,7 @@ class Limits:
     max_prompt_tokens: int
     max_images_per_call: int
     max_pixels_per_call: int
+    gpu_memory_gib: float | None  # None: the whole GPU
 
     def images_per_call(self, height: int, width: int) -> int:
         """How many images of this size one pipeline call may hold."""
@@ -117,12 +118,13 @@ class Optimizations:
     tf32: bool
     channels_last: bool
     attention_backends: tuple[str, ...]
+    unmasked_attention_backends: tuple[str, ...]  # empty: attention_backends serves all
     vae_tiling: bool
     vae_slicing: bool
     attention_slicing: bool
     memory_mode: str
     fuse_projections: bool
-    qk_norm_rope_kernel: bool  # one Triton kernel for the q/k norms and RoPE
+    qk_norm_rope: bool  # one Triton kernel for the q/k norms and RoPE
     prompt_padding: str
     fp8: bool
     torch_compile: TorchCompile
@@ -147,6 +149,11 @@ class Settings:
         _one_of("optimizations.prompt_padding", o.prompt_padding, PROMPT_PADDING)
         for name in o.attention_backends:
             _one_of("optimizations.attention_backends[]", name, ATTENTION_BACKENDS)
+        for name in o.unmasked_attention_backends:
+            _one_of("optimizations.unmasked_attention_backends[]", name, ATTENTION_BACKENDS)
+        if lim.gpu_memory_gib is not None and not lim.gpu_memory_gib > 0:
+            raise SettingsError(f"limits.gpu_memory_gib: {lim.gpu_memory_gib} must be positive "
+                                "or null (the whole GPU)")
         if not o.attention_backends:
             raise SettingsError("optimizations.attention_backends: give at least one backend")
         for name in o.torch_compile.modules:

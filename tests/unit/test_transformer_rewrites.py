@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from zimage_backend import float8, fusion
+from zimage_backend import float8, fusion, optimizations
 from zimage_backend.engine import Engine
 from zimage_backend.random_models import build_tiny_pipeline
 
@@ -26,6 +26,15 @@ def _inputs(seed: int):
     latents = [torch.randn(16, 1, 8, 8, generator=gen) for _ in range(2)]
     captions = [torch.randn(n, 16, generator=gen) for n in (5, 37)]
     return latents, torch.tensor([0.3, 0.7]), captions
+
+
+def _context(pipe, settings, device="cpu", run_once=lambda graphed: None):
+    return optimizations.Context(pipe=pipe, settings=settings, device=torch.device(device),
+                                 report=optimizations.Report(), run_once=run_once)
+
+
+def _steps(*switches: str) -> tuple[optimizations.Step, ...]:
+    return tuple(s for s in optimizations.STEPS if s.switch in switches)
 
 
 def _forward(transformer, seed: int) -> torch.Tensor:
@@ -125,7 +134,7 @@ def test_float8_quantizes_the_block_products_but_not_the_modulation(pipe):
 def test_cpu_instance_reports_what_it_skipped(engine):
     report = engine.report.as_dict()
     assert report["fuse_projections"]["status"] == "applied"
-    assert report["qk_norm_rope_kernel"] == {
+    assert report["qk_norm_rope"] == {
         "status": "skipped", "detail": "needs CUDA; this instance runs on the CPU"}
     assert report["memory_mode"]["status"] == "applied"
     assert float8.supported(torch.device("cpu")) is not None
@@ -159,19 +168,15 @@ def test_memory_mode_and_slicing_report_what_a_cpu_instance_does(tiny_settings):
 def test_a_cudnn_mismatch_is_reported_not_fatal(pipe, tiny_settings, monkeypatch):
     """torch raises when it loaded a cuDNN other than its own (a system one first on
     LD_LIBRARY_PATH); the instance must still start and say so in its startup log."""
-    from zimage_backend import optimizations
-
     def mismatch():
         raise RuntimeError("cuDNN version incompatibility: PyTorch was compiled against "
                            "(9, 19, 0) but found runtime version (9, 14, 0).\nmore")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.backends.cudnn, "version", mismatch)
-    report = optimizations.Report()
-    name = optimizations.select_attention_backend(pipe, tiny_settings.optimizations, report,
-                                                  lambda: None)
-    detail = report.as_dict()["attention_backend"]["detail"]
-    assert name == "native"
+    ctx = optimizations.optimize(_context(pipe, tiny_settings), _steps("attention_backend"))
+    detail = ctx.report.as_dict()["attention_backend"]["detail"]
+    assert ctx.attention_backend == "native"
     assert "cuDNN mismatch: cuDNN version incompatibility" in detail and "more" not in detail
 
 
