@@ -2,7 +2,8 @@
 # Runs the benchmarks on a GPU machine without registry access (the `device` machines of this
 # project's workplace: Python 3.12, torch with CUDA, numpy 2, no diffusers). Each STEP is one
 # part; results land in $OUT (or bench/results/raw).
-#   setup     unpack the Triton tarball and wheels carried in .dev/a   (see bench/README.md)
+#   setup     unpack the Triton tarball (.tgz or .txz) and wheels carried in .dev/a
+#             (see bench/README.md)
 #   baselines diffusers eager and compiled, in-process
 #   floor     the card's speed on the transformer's matrix work alone (GEMM, attention)
 #   graphs    our engine in-process with and without the text encoder's CUDA graphs
@@ -11,7 +12,11 @@
 #   ablation  every switch flipped one at a time in one process, a kernel profile, FP8
 #   shapes    static against dynamic compiled shapes, each profiled
 #   memory    the balanced and memory_constrained modes: peak GPU memory and speed
-#   venv      numpy<2 serving venv (wheels carried in .dev/b), perf_analyzer's libraries
+#   venv      numpy<2 serving venv (wheels carried in .dev/a or .dev/b), perf_analyzer's
+#             libraries when tritonclient was carried
+#   qkcheck   the qk_norm_rope kernel: its start-up check, offsets past 2**31, its time
+#   attention attention kernels at the served shape, with and without a mask
+#   failures  out of memory and a broken device through the server (oom_served.json)
 #   serve     our Triton server on GPU 0: cold start, latency, perf_analyzer, warm restart
 #   serve2    the same on every GPU of the machine (scaling), from the compile cache if any
 #   serve1    serve from that cache without the restart, one request profiled
@@ -31,8 +36,9 @@ for step in "$@"; do
   case $step in
     setup)
       mkdir -p "$Z/triton" "$Z/wheels"
-      tar xzf .dev/a/triton-3.12.tgz -C "$Z/triton"
+      tar xf .dev/a/triton-3.12.t?z -C "$Z/triton"
       cp .dev/a/*.whl "$Z/wheels/"
+      cp .dev/a/*.deb .dev/a/*.sh "$Z/" 2>/dev/null
       python3 -m pip install -q --no-index --no-deps --target "$Z/site" "$Z"/wheels/diffusers-*.whl
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv ;;
     baselines)
@@ -61,16 +67,17 @@ for step in "$@"; do
     shapes)
       inproc -m bench.shapes --out "$OUT/shapes.json" --profile-dir "$Z/profiles" ;;
     venv)
-      cp .dev/b/*.whl "$Z/wheels/"
-      bash .dev/b/serving_venv.sh "$Z/venv" "$Z/wheels"
+      cp .dev/b/*.whl "$Z/wheels/" 2>/dev/null
+      cp .dev/b/*.deb .dev/b/*.sh "$Z/" 2>/dev/null
+      bash "$Z/serving_venv.sh" "$Z/venv" "$Z/wheels"
       # The backend stub imports model.py's packages from the venv, not from PYTHONPATH.
       site=$("$Z/venv/bin/python3" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
       printf '%s\n' "$PWD/backend" "$PWD/client" > "$site/zimage_dev.pth"
-      mkdir -p "$Z/lib" "$Z/bin" && dpkg -x .dev/b/libb64-0d_*.deb "$Z/deb"
+      mkdir -p "$Z/lib" "$Z/bin" && dpkg -x "$Z"/libb64-0d_*.deb "$Z/deb"
       cp "$Z"/deb/usr/lib/x86_64-linux-gnu/libb64.so.0d* "$Z/lib/"
       ln -sf "$(ls "$Z"/triton/nvidia_pytriton.libs/libcudart*.so.12* | head -1)" "$Z/lib/libcudart.so.12"
       ln -sf "$(find "$Z/venv" -name perf_analyzer -type f | head -1)" "$Z/bin/perf_analyzer"
-      served -c "import numpy, tritonclient.grpc, diffusers; print('venv ok', numpy.__version__)"
+      served -c "import numpy, diffusers; print('venv ok', numpy.__version__)"
       LD_LIBRARY_PATH="$Z/lib" "$Z/bin/perf_analyzer" --version 2>&1 | head -2 ;;
     serve)
       # The compile cache it fills ($Z/inductor) makes serve2's start warm.
@@ -90,6 +97,12 @@ for step in "$@"; do
     servefp8)
       served -m bench.server --gpus 0 --no-restart --concurrency "" --set optimizations.fp8=true \
         --compare-images "$Z/bf16_images.npz" ${SERVE_ARGS:-} --out "$OUT/server_fp8.json" ;;
+    qkcheck)
+      inproc -m bench.qk_norm_rope_check --out "$OUT/qk_norm_rope_check.json" ;;
+    attention)
+      inproc -m bench.attention_kernels --out "$OUT/attention_kernels.json" ;;
+    failures)
+      served -m bench.failure_served --out-dir "$OUT" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -33,6 +34,8 @@ LOGGER = logging.getLogger("zimage_backend.launcher")
 SYSTEM_TRITONSERVER = Path("/opt/tritonserver/bin/tritonserver")
 STUB_NAME = "triton_python_backend_stub"
 LOG_TAIL_LINES = 60
+# The header that Triton's model-repository API needs (build_command).
+ADMIN_HEADER = "zimage-admin-key"
 # Health checks go to our own server: an http_proxy from the environment must not see them.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -223,6 +226,7 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.binary = find_tritonserver(tritonserver)
         self.extra_args = list(extra_args)
+        self._admin_key = secrets.token_urlsafe(24)
         self.extra_env = dict(extra_env or {})
         self.log_file = Path(log_file).resolve() if log_file is not None else None
         self.ready_timeout_s = ready_timeout_s
@@ -262,10 +266,18 @@ class TritonServer:
         return prepare_backend_dir(self._wheel_dist, cache_dir)
 
     def build_command(self, backend_directory: Path | None = None) -> list[str]:
-        # No --model-control-mode: the default "none" keeps clients from loading or unloading models.
+        # Explicit model control lets the model unload itself when its device breaks (model.py,
+        # README "A broken GPU"): Triton's readiness then says so. Clients still cannot load or
+        # unload models: the model-repository API needs a header whose value is a secret made
+        # for this start and handed to no one.
+        restricted = f"model-repository:{ADMIN_HEADER}={self._admin_key}"
         cmd = [
             str(self.binary),
             f"--model-repository={self.model_repository}",
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            f"--http-restricted-api={restricted}",
+            f"--grpc-restricted-protocol={restricted}",
             f"--http-address={self.address}",
             f"--http-port={self.http_port}",
             f"--grpc-address={self.address}",

@@ -33,6 +33,9 @@ class Metrics:
             "wait": ("zimage_batch_wait_ms", "Time a pipeline call waited inside execute() "
                                              "behind earlier calls of the same batch",
                      family.HISTOGRAM),
+            "memory": ("zimage_gpu_memory_bytes", "GPU memory this instance's allocator holds "
+                                                  "after its last pipeline call, by kind "
+                                                  "(allocated, reserved)", family.GAUGE),
         }
         self._families = {key: family(name, text, kind) for key, (name, text, kind)
                           in spec.items()}
@@ -65,6 +68,11 @@ class Metrics:
         images = self._metric("images")
         if images is not None:
             images.increment(size)
+
+    def memory(self, allocated: int, reserved: int) -> None:
+        for kind, value in (("allocated", allocated), ("reserved", reserved)):
+            if (metric := self._metric("memory", kind=kind)) is not None:
+                metric.set(value)
 
     def answered(self, codes: Sequence[str | None]) -> None:
         for code in codes:

@@ -121,6 +121,7 @@ class Service:
             if call:
                 waited_ms = (time.perf_counter() - started) * 1000
                 self._generate(call, incoming, waited_ms, rows, fail)
+                self._report_memory()
                 for index in {item.index for item in call}:
                     settle(index)
 
@@ -201,6 +202,12 @@ class Service:
         return ServingError(UNAVAILABLE, (
             f"UNAVAILABLE: this instance's device ({self.engine.device}) is broken and the "
             f"instance is leaving service ({self.broken}); retry on another instance"))
+
+    def _report_memory(self) -> None:
+        device = self.engine.device
+        if device.type == "cuda" and self.broken is None:
+            self.metrics.memory(torch.cuda.memory_allocated(device),
+                                torch.cuda.memory_reserved(device))
 
     def _release_memory(self) -> None:
         # Frames of the failed call may sit in reference cycles that only the collector frees.

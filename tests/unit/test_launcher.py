@@ -215,7 +215,14 @@ def test_command_has_ports_addresses_and_extra_args_but_no_model_control(tmp_pat
     ):
         assert arg in cmd
     assert cmd[-3:] == ["--exit-timeout-secs=5", "--log-format", "ISO8601"]
-    assert not any("model-control" in a or "load-model" in a for a in cmd)
+    # The model may unload itself (a broken GPU); clients may not: the repository API is
+    # behind a header whose value is made per start.
+    assert "--model-control-mode=explicit" in cmd and "--load-model=*" in cmd
+    [http] = [a for a in cmd if a.startswith("--http-restricted-api=")]
+    [grpc] = [a for a in cmd if a.startswith("--grpc-restricted-protocol=")]
+    assert http.split("=", 1)[1] == grpc.split("=", 1)[1]
+    assert http.startswith("--http-restricted-api=model-repository:zimage-admin-key=")
+    assert len(http.rsplit("=", 1)[1]) >= 24
     assert server.http_url == "127.0.0.1:18000"
     assert server.grpc_url == "127.0.0.1:18001"
     assert server.metrics_url == "127.0.0.1:18002"
