@@ -113,7 +113,9 @@ def main() -> None:
         server.stop()
     if not (normal["ok"] and large["ok"]):
         raise SystemExit(f"calibration failed: {normal} {large}")
-    budget = round((held_normal["reserved"] + held_large["reserved"]) / 2, 2) \
+    # Halfway between the most each held (start-up included): the normal image fits, the
+    # large one cannot.
+    budget = round((held_normal["max_reserved"] + held_large["max_reserved"]) / 2, 2) \
         if held_large else None  # no gauges on a CPU instance
 
     # 2 and 3. The budget; the fourth pipeline call after ready breaks the device.

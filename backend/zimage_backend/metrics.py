@@ -35,7 +35,8 @@ class Metrics:
                      family.HISTOGRAM),
             "memory": ("zimage_gpu_memory_bytes", "GPU memory this instance's allocator holds "
                                                   "after its last pipeline call, by kind "
-                                                  "(allocated, reserved)", family.GAUGE),
+                                                  "(allocated, reserved; max_reserved: the "
+                                                  "most it ever held)", family.GAUGE),
         }
         self._families = {key: family(name, text, kind) for key, (name, text, kind)
                           in spec.items()}
@@ -69,8 +70,9 @@ class Metrics:
         if images is not None:
             images.increment(size)
 
-    def memory(self, allocated: int, reserved: int) -> None:
-        for kind, value in (("allocated", allocated), ("reserved", reserved)):
+    def memory(self, allocated: int, reserved: int, max_reserved: int) -> None:
+        for kind, value in (("allocated", allocated), ("reserved", reserved),
+                            ("max_reserved", max_reserved)):
             if (metric := self._metric("memory", kind=kind)) is not None:
                 metric.set(value)
 

@@ -19,8 +19,8 @@ def offsets(block, head, program, batch, seq, stride_qkv_b, stride_qkv_s, stride
     src = b * stride_qkv_b + s[:, None] * stride_qkv_s + \
         ((which * HEADS + head) * HEAD_DIM + d)[None, :]
     dst = (((which * batch + b) * HEADS + head) * seq + s[:, None]) * HEAD_DIM + d[None, :]
-    freqs = b * stride_f_b + s[:, None] * stride_f_s + 2 * tl.arange(0, HEAD_DIM // 2)[None, :]
-    return s, which, src, dst, freqs
+    rotation = b * stride_f_b + s[:, None] * stride_f_s + 2 * tl.arange(0, HEAD_DIM // 2)[None, :]
+    return s, which, src, dst, rotation
 
 
 @triton.jit
@@ -29,12 +29,12 @@ def qk_norm_rope_kernel(qkv_ptr, stride_qkv_b, stride_qkv_s, weight_ptr, freqs_p
                         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_S: tl.constexpr):
     # program (token block, head, {q, k, v} x batch)
-    s, which, src, dst, freqs = offsets(
+    s, which, src_offsets, dst_offsets, rotation = offsets(
         tl.program_id(0), tl.program_id(1), tl.program_id(2), batch, seq, stride_qkv_b,
         stride_qkv_s, stride_f_b, stride_f_s, HEADS, HEAD_DIM, BLOCK_S)
     rows = s[:, None] < seq
-    src = qkv_ptr + src
-    dst = out_ptr + dst
+    src = qkv_ptr + src_offsets
+    dst = out_ptr + dst_offsets
     if which == 2:  # v: only its layout changes
         tl.store(dst, tl.load(src, mask=rows), mask=rows)
     else:
@@ -48,9 +48,8 @@ def qk_norm_rope_kernel(qkv_ptr, stride_qkv_b, stride_qkv_s, weight_ptr, freqs_p
         y = (x * rstd[:, None]).to(dtype).to(tl.float32)
         y = (y * weight[None, :]).to(dtype).to(tl.float32)
         real, imag = tl.split(tl.reshape(y, (BLOCK_S, HEAD_DIM // 2, 2)))
-        freqs = freqs_ptr + freqs
-        cos = tl.load(freqs, mask=rows, other=0.0)
-        sin = tl.load(freqs + 1, mask=rows, other=0.0)
+        cos = tl.load(freqs_ptr + rotation, mask=rows, other=0.0)
+        sin = tl.load(freqs_ptr + rotation + 1, mask=rows, other=0.0)
         out = tl.reshape(tl.join(real * cos - imag * sin, real * sin + imag * cos),
                          (BLOCK_S, HEAD_DIM))
         tl.store(dst, out.to(dtype), mask=rows)

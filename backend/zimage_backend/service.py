@@ -207,7 +207,8 @@ class Service:
         device = self.engine.device
         if device.type == "cuda" and self.broken is None:
             self.metrics.memory(torch.cuda.memory_allocated(device),
-                                torch.cuda.memory_reserved(device))
+                                torch.cuda.memory_reserved(device),
+                                torch.cuda.max_memory_reserved(device))
 
     def _release_memory(self) -> None:
         # Frames of the failed call may sit in reference cycles that only the collector frees.

@@ -11,7 +11,7 @@ from zimage_backend.qk_norm_rope_triton import offsets
 @triton.jit
 def probe(out_ptr, block, head, program, batch, seq, stride_qkv_b, stride_qkv_s, stride_f_b,
           stride_f_s, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    s, which, src, dst, freqs = offsets(block, head, program, batch, seq, stride_qkv_b,
+    s, which, src, dst, rotation = offsets(block, head, program, batch, seq, stride_qkv_b,
                                         stride_qkv_s, stride_f_b, stride_f_s, HEADS, HEAD_DIM,
                                         BLOCK_S)
     tile = tl.arange(0, BLOCK_S)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
