@@ -113,8 +113,8 @@ def main() -> None:
         server.stop()
     if not (normal["ok"] and large["ok"]):
         raise SystemExit(f"calibration failed: {normal} {large}")
-    # Halfway between the most each held (start-up included): the normal image fits, the
-    # large one cannot.
+    # Halfway between the most each held while serving: the normal image fits, the large one
+    # cannot.
     budget = round((held_normal["max_reserved"] + held_large["max_reserved"]) / 2, 2) \
         if held_large else None  # no gauges on a CPU instance
 

@@ -91,11 +91,6 @@ class Engine:
             # Allocations without an explicit device must land on this instance's GPU, never
             # on GPU 0 of a multi-GPU host.
             torch.cuda.set_device(device)
-        if device.type == "cuda" and settings.limits.gpu_memory_gib is not None:
-            # A budget for sharing a GPU, and for showing out-of-memory recovery on any card.
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(
-                min(1.0, settings.limits.gpu_memory_gib * 2**30 / total), device)
         self._calls, self._profile_call, self._fault_call = 0, 0, 0  # from ready on, below
         self.graphed: frozenset[str] = frozenset()  # modules replaying CUDA graphs
         started = time.perf_counter()
@@ -119,6 +114,7 @@ class Engine:
                  settings.model.cpu_dtype, settings.model.weights_label,
                  self.load_seconds, self.warmup_seconds)
         if device.type == "cuda":
+            self._apply_memory_budget()
             log.info("GPU memory held by the instance on %s: %s", device, self.memory_by_gpu())
         self._calls, self._profile_call = 0, int(os.environ.get(PROFILE_ENV) or 0)
         # The pipeline's ~430,000 Python objects live as long as the process. Left to the
@@ -127,6 +123,17 @@ class Engine:
         gc.collect()
         gc.freeze()
         self._fault_call = int(os.environ.get(FAULT_ENV) or 0)
+
+    def _apply_memory_budget(self) -> None:
+        """limits.gpu_memory_gib, from ready on: loading builds and rewrites weights with
+        transient copies that serving never needs again (bench/results/2026-12-01-h200), so the
+        budget bounds what serving holds. The peak statistics restart here too."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        if (budget := self.settings.limits.gpu_memory_gib) is not None:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget * 2**30 / total),
+                                                       self.device)
 
     def memory_by_gpu(self) -> str:
         """Memory this process's allocator holds on every visible GPU: an instance must hold
