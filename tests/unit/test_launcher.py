@@ -1,4 +1,5 @@
-"""Tests for zimage_backend.launcher; the slow ones start the real tritonserver from the pytriton wheel.
+"""Tests for zimage-serve and the modules it is built from (triton_binary, python_backend,
+triton_process); the slow ones start the real tritonserver from the pytriton wheel.
 
 Run with: PYTHONPATH=backend pytest tests/unit/test_launcher.py
 """
@@ -18,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zimage_backend import launcher
-from zimage_backend.launcher import TritonServer, TritonServerError
+from zimage_backend import launcher, python_backend, triton_binary, triton_process
+from zimage_backend.triton_error import TritonServerError
+from zimage_backend.triton_process import TritonServer
 
 BACKEND_ROOT = Path(__file__).resolve().parents[2] / "backend"
-DIST = launcher.pytriton_dist_dir()
+DIST = triton_binary.pytriton_dist_dir()
 needs_wheel = pytest.mark.skipif(DIST is None, reason="needs the nvidia-pytriton wheel's tritonserver")
 
 ECHO_CONFIG = """\
@@ -104,10 +106,10 @@ def port_is_free(port: int) -> bool:
 @needs_wheel
 def test_finds_the_wheels_tritonserver() -> None:
     assert DIST is not None
-    found = launcher.find_tritonserver()
+    found = triton_binary.find_tritonserver()
     assert found == (DIST / "bin" / "tritonserver").resolve()
     assert os.access(found, os.X_OK)
-    assert launcher.wheel_dist_of(found) == DIST.resolve()
+    assert triton_binary.wheel_dist_of(found) == DIST.resolve()
 
 
 def test_explicit_path_beats_env_and_env_beats_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,20 +117,20 @@ def test_explicit_path_beats_env_and_env_beats_wheel(tmp_path: Path, monkeypatch
     explicit.write_text("")
     from_env.write_text("")
     monkeypatch.setenv("TRITONSERVER", str(from_env))
-    assert launcher.find_tritonserver(explicit) == explicit.resolve()
-    assert launcher.find_tritonserver() == from_env.resolve()
-    assert launcher.wheel_dist_of(from_env) is None
+    assert triton_binary.find_tritonserver(explicit) == explicit.resolve()
+    assert triton_binary.find_tritonserver() == from_env.resolve()
+    assert triton_binary.wheel_dist_of(from_env) is None
 
 
 def test_missing_explicit_binary_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(TritonServerError, match="tritonserver binary not found"):
-        launcher.find_tritonserver(tmp_path / "nope")
+        triton_binary.find_tritonserver(tmp_path / "nope")
 
 
 @needs_wheel
 def test_backend_dir_has_backend_and_this_pythons_stub(tmp_path: Path) -> None:
     assert DIST is not None
-    backends = launcher.prepare_backend_dir(DIST, tmp_path)
+    backends = python_backend.prepare_backend_dir(DIST, tmp_path)
     python_dir = backends / "python"
     assert (python_dir / "libtriton_python.so").is_file()
     assert (python_dir / "triton_python_backend_utils.py").is_file()
@@ -138,11 +140,11 @@ def test_backend_dir_has_backend_and_this_pythons_stub(tmp_path: Path) -> None:
     assert os.access(stub, os.X_OK)
 
     before = {p.name: p.stat().st_ino for p in python_dir.iterdir()}
-    assert launcher.prepare_backend_dir(DIST, tmp_path) == backends
+    assert python_backend.prepare_backend_dir(DIST, tmp_path) == backends
     assert {p.name: p.stat().st_ino for p in python_dir.iterdir()} == before, "second run must not copy again"
 
     stub.write_bytes(b"truncated")
-    launcher.prepare_backend_dir(DIST, tmp_path)
+    python_backend.prepare_backend_dir(DIST, tmp_path)
     assert stub.read_bytes() == expected.read_bytes(), "a damaged copy must be replaced"
 
 
@@ -233,10 +235,10 @@ def test_default_log_verbose_is_zero_and_public_address_is_reached_locally(tmp_p
 
 
 def test_free_ports_are_distinct_and_bindable() -> None:
-    ports = launcher.free_ports(3)
+    ports = triton_process.free_ports(3)
     assert len(set(ports)) == 3
     assert all(port_is_free(p) for p in ports)
-    assert port_is_free(launcher.free_port())
+    assert port_is_free(triton_process.free_port())
 
 
 def test_port_zero_picks_distinct_free_ports(tmp_path: Path) -> None:
@@ -362,7 +364,7 @@ def test_real_server_failure_reports_the_log_tail(echo_repo: Path, shared_cache:
 def test_cli_exits_zero_after_signal(
     sig: signal.Signals, echo_repo: Path, config_file: Path, shared_cache: Path, tmp_path: Path
 ) -> None:
-    http_port, grpc_port, metrics_port = launcher.free_ports(3)
+    http_port, grpc_port, metrics_port = triton_process.free_ports(3)
     env = dict(os.environ, PYTHONPATH=str(BACKEND_ROOT), XDG_CACHE_HOME=str(shared_cache))
     cmd = [
         sys.executable, "-m", "zimage_backend.launcher",
@@ -413,7 +415,7 @@ def test_cli_exits_zero_after_signal(
 def test_cli_returns_the_servers_exit_code_when_the_model_fails(
     echo_repo: Path, config_file: Path, shared_cache: Path, tmp_path: Path
 ) -> None:
-    http_port, grpc_port, metrics_port = launcher.free_ports(3)
+    http_port, grpc_port, metrics_port = triton_process.free_ports(3)
     env = dict(os.environ, PYTHONPATH=str(BACKEND_ROOT), XDG_CACHE_HOME=str(shared_cache), ECHO_FAIL="1")
     cmd = [
         sys.executable, "-m", "zimage_backend.launcher",
