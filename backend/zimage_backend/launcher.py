@@ -7,7 +7,7 @@ import argparse
 import logging
 import signal
 import sys
-import time
+import threading
 from pathlib import Path
 from types import FrameType
 from typing import Sequence
@@ -17,10 +17,6 @@ from .triton_process import TritonServer
 
 # Not __name__: under `python -m` that would be "__main__".
 LOGGER = logging.getLogger("zimage_backend.launcher")
-
-
-class _ShutdownRequested(Exception):
-    pass
 
 
 def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -64,16 +60,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    stopping = False
+    shutdown = threading.Event()
+    received: list[str] = []
 
     def request_shutdown(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        # A second signal must not cut short the graceful stop already under way.
-        if stopping:
-            return
-        stopping = True
-        # Raising interrupts whatever the main thread waits on (readiness poll, sleep).
-        raise _ShutdownRequested(signal.Signals(signum).name)
+        # Only a flag: an exception raised here could land inside a logging call, which swallows
+        # it, and the launcher would ignore the signal. A second signal must not cut short the
+        # graceful stop already under way.
+        if not shutdown.is_set():
+            received.append(signal.Signals(signum).name)
+        shutdown.set()
 
     previous = {sig: signal.signal(sig, request_shutdown) for sig in (signal.SIGINT, signal.SIGTERM)}
     server: TritonServer | None = None
@@ -92,30 +88,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_file=args.log_file,
         )
         server.start()
-        server.wait_until_ready(args.ready_timeout_s)
-        LOGGER.info(
-            "model %r ready: HTTP http://%s  gRPC %s  metrics http://%s/metrics",
-            args.model, server.http_url, server.grpc_url, server.metrics_url,
-        )
-        while (code := server.returncode) is None:
-            time.sleep(0.5)
-        stopping = True
-        LOGGER.error("tritonserver exited with code %d", code)
+        code = None
+        if server.wait_until_ready(args.ready_timeout_s, interrupt=shutdown):
+            LOGGER.info(
+                "model %r ready: HTTP http://%s  gRPC %s  metrics http://%s/metrics",
+                args.model, server.http_url, server.grpc_url, server.metrics_url,
+            )
+            while (code := server.returncode) is None and not shutdown.wait(0.5):
+                pass
+        if code is None:
+            LOGGER.info("%s received; stopping tritonserver", received[0])
+            code = server.stop()
+            if code:
+                LOGGER.warning("tritonserver stopped with code %d", code)
+            return 0
+        LOGGER.error("%s", server.failure(f"tritonserver exited with code {code} after it was ready"))
         return _exit_status(code)
-    except _ShutdownRequested as exc:
-        LOGGER.info("%s received; stopping tritonserver", exc)
-        code = server.stop() if server is not None else None
-        if code:
-            LOGGER.warning("tritonserver stopped with code %d", code)
-        return 0
     except TritonServerError as exc:
-        stopping = True
         LOGGER.error("%s", exc)
         code = server.stop() if server is not None else None
         return _exit_status(code) if code else 1
     finally:
-        stopping = True
-        if server is not None and server.is_running():
+        if server is not None:
+            # Also after the server exited by itself: stop() removes the regions it left.
             server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -1,10 +1,12 @@
-"""Assembling the pytriton wheel's Python backend: the backend folder with this Python's stub,
-and the libpython the stub links."""
+"""The Python backend's side of running tritonserver: assembling the pytriton wheel's backend
+(the backend folder with this Python's stub, and the libpython the stub links), and the
+shared-memory regions its stubs leave in /dev/shm."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import sys
 import sysconfig
@@ -13,6 +15,9 @@ from pathlib import Path
 from .triton_error import TritonServerError
 
 STUB_NAME = "triton_python_backend_stub"
+SHM_DIR = Path("/dev/shm")
+# The backend's own option; its regions are named <prefix><uuid>.
+_SHM_PREFIX_OPTION = "python,shm-region-prefix-name="
 
 
 def default_cache_dir(dist: Path) -> Path:
@@ -73,3 +78,38 @@ def prepare_libpython_dir(cache_dir: Path) -> Path | None:
         tmp.symlink_to(source)
         os.replace(tmp, link)
     return target
+
+
+def new_shm_prefix() -> str:
+    """A region prefix no other server on this host uses, so the launcher can remove exactly
+    its own server's regions (a server that dies abruptly leaves them behind)."""
+    return f"zimage_shm_{os.getpid()}_{secrets.token_hex(4)}_"
+
+
+def shm_prefix_arg(prefix: str) -> str:
+    return f"--backend-config={_SHM_PREFIX_OPTION}{prefix}"
+
+
+def shm_prefix_in(args: list[str]) -> str | None:
+    """The prefix that tritonserver arguments already set, if any (the last one counts)."""
+    found = None
+    for i, arg in enumerate(args):
+        value = arg.removeprefix("--backend-config=") if arg.startswith("--backend-config=") else (
+            args[i + 1] if arg == "--backend-config" and i + 1 < len(args) else None)
+        if value is not None and value.startswith(_SHM_PREFIX_OPTION):
+            found = value[len(_SHM_PREFIX_OPTION):]
+    return found
+
+
+def remove_shm_regions(prefix: str, shm_dir: Path = SHM_DIR) -> list[str]:
+    """Unlinks the regions named `prefix*`; returns their names. Safe once the server is gone."""
+    removed: list[str] = []
+    if not prefix:
+        return removed
+    for region in sorted(p for p in shm_dir.iterdir() if p.name.startswith(prefix)):
+        try:
+            region.unlink()
+        except FileNotFoundError:  # the server removed it itself
+            continue
+        removed.append(region.name)
+    return removed

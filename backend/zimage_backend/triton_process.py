@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +23,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Mapping, Sequence
 
-from .python_backend import default_cache_dir, prepare_backend_dir, prepare_libpython_dir
+from .listening_sockets import listening_ports
+from .python_backend import (default_cache_dir, new_shm_prefix, prepare_backend_dir,
+                             prepare_libpython_dir, remove_shm_regions, shm_prefix_arg,
+                             shm_prefix_in)
 from .triton_binary import find_tritonserver, wheel_dist_of
 from .triton_error import TritonServerError
 
@@ -68,6 +73,19 @@ def _die_with_parent() -> None:
     """
     if _LIBC is not None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
+def _port_taken(address: str, port: int) -> bool:
+    """Whether another socket already holds (address, port) the way tritonserver would bind it."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As tritonserver does: connections in TIME_WAIT do not keep it from binding.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address or "0.0.0.0", port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def _client_host(address: str) -> str:
@@ -119,6 +137,8 @@ class TritonServer:
         self.ready_timeout_s = ready_timeout_s
         self._wheel_dist = wheel_dist_of(self.binary)
         self._cache_dir = Path(cache_dir) if cache_dir is not None else None
+        # Ours unless the extra arguments set one: either way, stop() removes exactly these.
+        self.shm_prefix = shm_prefix_in(self.extra_args) or new_shm_prefix()
         self._process: subprocess.Popen[bytes] | None = None
         self._log_handle: IO[bytes] | None = None
 
@@ -170,6 +190,8 @@ class TritonServer:
         if self._wheel_dist is not None and (self._wheel_dist / "caches").is_dir():
             # The default /opt/tritonserver/caches does not exist outside the container.
             cmd.append(f"--cache-directory={self._wheel_dist / 'caches'}")
+        if shm_prefix_in(self.extra_args) is None:
+            cmd.append(shm_prefix_arg(self.shm_prefix))
         return cmd + self.extra_args
 
     def build_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -199,6 +221,12 @@ class TritonServer:
             raise TritonServerError(f"model repository not found: {self.model_repository}")
         if self.config_path is not None and not self.config_path.is_file():
             raise TritonServerError(f"config file not found: {self.config_path}")
+        # tritonserver binds its ports only after loading the models, many seconds later.
+        for name, port in (("HTTP", self.http_port), ("gRPC", self.grpc_port),
+                           ("metrics", self.metrics_port)):
+            if _port_taken(self.address, port):
+                raise TritonServerError(f"{name} port {port} on {self.address or '0.0.0.0'} is "
+                                        "already in use by another process; pick another port")
         cmd = self.build_command(self.backend_directory())
         env = self.build_env()
         output: IO[bytes] | None = None
@@ -234,7 +262,8 @@ class TritonServer:
             return f"(cannot read {self.log_file}: {exc})"
         return b"".join(tail).decode("utf-8", errors="replace")
 
-    def _fail(self, reason: str) -> TritonServerError:
+    def failure(self, reason: str) -> TritonServerError:
+        """The error to raise or log for `reason`, with the server log's last lines."""
         return TritonServerError(f"{reason}\n--- last {LOG_TAIL_LINES} lines of the server log ---\n{self.log_tail()}")
 
     def _url_ok(self, path: str) -> bool:
@@ -245,26 +274,41 @@ class TritonServer:
             # Refused, reset or 400 "not ready" while the server is still coming up.
             return False
 
-    def is_ready(self) -> bool:
-        if not self._url_ok("/v2/health/ready"):
+    def owns_ports(self) -> bool:
+        """Whether our process itself listens on its HTTP and gRPC ports (not just anyone)."""
+        process = self._process
+        if process is None or process.poll() is not None:
             return False
-        return self.model is None or self._url_ok(f"/v2/models/{self.model}/ready")
+        return {self.http_port, self.grpc_port} <= listening_ports(process.pid)
 
-    def wait_until_ready(self, timeout_s: float | None = None) -> None:
+    def is_ready(self) -> bool:
+        # An answer alone could come from another server on the port.
+        if not self.owns_ports() or not self._url_ok("/v2/health/ready"):
+            return False
+        if self.model is not None and not self._url_ok(f"/v2/models/{self.model}/ready"):
+            return False
+        return self.is_running()
+
+    def wait_until_ready(self, timeout_s: float | None = None,
+                         interrupt: threading.Event | None = None) -> bool:
+        """True once ready; False as soon as `interrupt` is set. Raises, with the log tail, the
+        moment the server exits or when `timeout_s` passes."""
         timeout_s = self.ready_timeout_s if timeout_s is None else timeout_s
         if self._process is None:
             raise TritonServerError("tritonserver was not started")
+        interrupt = interrupt or threading.Event()
         deadline = time.monotonic() + timeout_s
-        while True:
+        while not interrupt.is_set():
             code = self._process.poll()
             if code is not None:
-                raise self._fail(f"tritonserver exited with code {code} before it was ready")
+                raise self.failure(f"tritonserver exited with code {code} before it was ready")
             if self.is_ready():
-                return
+                return True
             if time.monotonic() > deadline:
                 what = f"model {self.model!r}" if self.model else "tritonserver"
-                raise self._fail(f"{what} not ready at http://{self.http_url} after {timeout_s:.0f} s")
-            time.sleep(0.25)
+                raise self.failure(f"{what} not ready at http://{self.http_url} after {timeout_s:.0f} s")
+            interrupt.wait(0.25)
+        return False
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGINT (graceful), then SIGTERM, then SIGKILL; returns the exit code."""
@@ -284,7 +328,14 @@ class TritonServer:
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
-        return process.poll() if process is not None else None
+        code = process.poll() if process is not None else None
+        if process is None or code is not None:
+            # Triton removes its regions on a clean exit only; a crash or a kill leaves them.
+            removed = remove_shm_regions(self.shm_prefix)
+            if removed:
+                LOGGER.info("removed %d shared-memory region(s) the server left: %s",
+                            len(removed), ", ".join(removed))
+        return code
 
     def __enter__(self) -> TritonServer:
         self.start()

@@ -12,18 +12,21 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
+import yaml
 
-from zimage_backend import launcher, python_backend, triton_binary, triton_process
+from tests.conftest import CONFIG
+from tests.serve_cli import ServeCli
+from zimage_backend import (launcher, listening_sockets, python_backend, triton_binary,
+                            triton_process)
 from zimage_backend.triton_error import TritonServerError
 from zimage_backend.triton_process import TritonServer
 
-BACKEND_ROOT = Path(__file__).resolve().parents[2] / "backend"
 DIST = triton_binary.pytriton_dist_dir()
 needs_wheel = pytest.mark.skipif(DIST is None, reason="needs the nvidia-pytriton wheel's tritonserver")
 
@@ -84,8 +87,9 @@ def echo_repo(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
+    # A valid config: zimage-serve checks it before it starts the (echo) server.
     path = tmp_path / "config.yaml"
-    path.write_text("model: {}\n")
+    path.write_text(CONFIG.read_text())
     return path
 
 
@@ -249,6 +253,64 @@ def test_port_zero_picks_distinct_free_ports(tmp_path: Path) -> None:
     assert len(ports) == 3 and 0 not in ports
 
 
+def test_listening_ports_are_this_process_own(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        assert port not in listening_sockets.listening_ports(os.getpid()), "bound is not listening"
+        listener.listen()
+        assert port in listening_sockets.listening_ports(os.getpid())
+        # Another process sees the same namespace-wide table but does not hold the socket.
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                                 close_fds=True)
+        try:
+            time.sleep(0.2)
+            assert port not in listening_sockets.listening_ports(other.pid)
+        finally:
+            other.kill()
+            other.wait()
+        assert listening_sockets.listening_ports(other.pid) == set(), "a gone process owns nothing"
+    assert port not in listening_sockets.listening_ports(os.getpid())
+
+
+def test_shm_regions_removed_are_exactly_the_prefixed_ones(tmp_path: Path) -> None:
+    prefix = python_backend.new_shm_prefix()
+    assert prefix != python_backend.new_shm_prefix()
+    ours = [f"{prefix}1f2e", f"{prefix}77aa"]
+    others = ["triton_python_backend_shm_region_1f2e", prefix[:-1] + "x_9"]
+    for name in ours + others:
+        (tmp_path / name).write_bytes(b"\0" * 16)
+    assert python_backend.remove_shm_regions(prefix, tmp_path) == sorted(ours)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
+    assert python_backend.remove_shm_regions("", tmp_path) == []
+
+
+def test_command_sets_a_shm_prefix_unless_the_extra_args_do(tmp_path: Path) -> None:
+    fake = tmp_path / "tritonserver"
+    fake.write_text("")
+    server = TritonServer(tmp_path, tritonserver=fake)
+    assert python_backend.shm_prefix_arg(server.shm_prefix) in server.build_command()
+    assert TritonServer(tmp_path, tritonserver=fake).shm_prefix != server.shm_prefix
+    for extra in (["--backend-config=python,shm-region-prefix-name=mine_"],
+                  ["--backend-config", "python,shm-region-prefix-name=mine_"]):
+        given = TritonServer(tmp_path, tritonserver=fake, extra_args=extra)
+        assert given.shm_prefix == "mine_"
+        assert [a for a in given.build_command() if "shm-region-prefix-name" in a] == extra[-1:]
+
+
+def test_start_refuses_a_port_another_process_holds(tmp_path: Path, echo_repo: Path) -> None:
+    fake = tmp_path / "tritonserver"
+    fake.write_text("")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        server = TritonServer(echo_repo, tritonserver=fake, http_port=0, grpc_port=port)
+        with pytest.raises(TritonServerError, match=f"gRPC port {port} on 127.0.0.1 is already in use"):
+            server.start()
+    assert server.process is None
+
+
 # --- errors for missing inputs -------------------------------------------------------------
 
 
@@ -359,75 +421,73 @@ def test_real_server_failure_reports_the_log_tail(echo_repo: Path, shared_cache:
     assert not server.is_running()
 
 
+def echo_cli(echo_repo: Path, config_file: Path, shared_cache: Path, log_file: Path,
+             extra: Sequence[str] = (), env: dict[str, str] | None = None) -> tuple[ServeCli, list[int]]:
+    """`zimage-serve` on the echo model, on free ports."""
+    ports = triton_process.free_ports(3)
+    args = [
+        "--config", str(config_file),
+        "--model-repository", str(echo_repo),
+        "--model", "echo",
+        "--http-port", str(ports[0]),
+        "--grpc-port", str(ports[1]),
+        "--metrics-port", str(ports[2]),
+        "--ready-timeout-s", "45",
+        "--log-file", str(log_file),
+        "--", *extra,
+    ]  # fmt: skip
+    return ServeCli(args, dict(env or {}, XDG_CACHE_HOME=str(shared_cache))), ports
+
+
 @needs_wheel
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_cli_exits_zero_after_signal(
     sig: signal.Signals, echo_repo: Path, config_file: Path, shared_cache: Path, tmp_path: Path
 ) -> None:
-    http_port, grpc_port, metrics_port = triton_process.free_ports(3)
-    env = dict(os.environ, PYTHONPATH=str(BACKEND_ROOT), XDG_CACHE_HOME=str(shared_cache))
-    cmd = [
-        sys.executable, "-m", "zimage_backend.launcher",
-        "--config", str(config_file),
-        "--model-repository", str(echo_repo),
-        "--model", "echo",
-        "--http-port", str(http_port),
-        "--grpc-port", str(grpc_port),
-        "--metrics-port", str(metrics_port),
-        "--ready-timeout-s", "45",
-        "--log-file", str(tmp_path / "server.log"),
-        "--", "--exit-timeout-secs=10",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read_stderr() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if "ready: HTTP" in line:
-                ready.set()
-
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
+    cli, ports = echo_cli(echo_repo, config_file, shared_cache, tmp_path / "server.log",
+                          ["--exit-timeout-secs=10"])
     try:
-        assert ready.wait(timeout=45), "no ready line:\n" + "".join(lines)
-        assert f"http://127.0.0.1:{http_port}" in "".join(lines)
-        proc.send_signal(sig)
+        # The signal comes the moment the ready line is out: it must not be lost in logging.
+        assert cli.wait_for("ready: HTTP"), "no ready line:\n" + cli.output
+        assert f"http://127.0.0.1:{ports[0]}" in cli.output
+        cli.proc.send_signal(sig)
+    finally:
         # TritonServer.stop() may take 30 s of SIGINT, then 5 of SIGTERM and 5 of SIGKILL: the
         # bound must outlast that, or a slow shutdown on a loaded machine fails the test.
-        assert proc.wait(timeout=60) == 0, "".join(lines)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    reader.join(timeout=5)
-    assert "stopping tritonserver" in "".join(lines)
+        code = cli.wait(timeout=60)
+    assert code == 0, cli.output
+    assert "stopping tritonserver" in cli.output
     # The server must be gone, not orphaned: its ports are free again.
     deadline = time.monotonic() + 10
-    while not all(port_is_free(p) for p in (http_port, grpc_port, metrics_port)):
+    while not all(port_is_free(p) for p in ports):
         assert time.monotonic() < deadline, "tritonserver still holds its ports"
         time.sleep(0.2)
+
+
+@needs_wheel
+def test_cli_reports_a_server_that_dies_after_ready_and_removes_its_shm(
+    echo_repo: Path, config_file: Path, shared_cache: Path, tmp_path: Path
+) -> None:
+    cli, _ = echo_cli(echo_repo, config_file, shared_cache, tmp_path / "server.log")
+    try:
+        assert cli.wait_for("ready: HTTP"), "no ready line:\n" + cli.output
+        prefix = cli.shm_prefix()
+        assert any(p.name.startswith(prefix) for p in python_backend.SHM_DIR.iterdir()), \
+            "the stub's region should carry the launcher's prefix"
+        os.kill(cli.server_pid(), signal.SIGKILL)
+    finally:
+        code = cli.wait(timeout=30)
+    assert code == 128 + signal.SIGKILL, cli.output
+    assert "tritonserver exited with code -9 after it was ready" in cli.output
+    assert "lines of the server log ---" in cli.output and "Started HTTPService" in cli.output
+    assert not [p.name for p in python_backend.SHM_DIR.iterdir() if p.name.startswith(prefix)]
 
 
 @needs_wheel
 def test_cli_returns_the_servers_exit_code_when_the_model_fails(
     echo_repo: Path, config_file: Path, shared_cache: Path, tmp_path: Path
 ) -> None:
-    http_port, grpc_port, metrics_port = triton_process.free_ports(3)
-    env = dict(os.environ, PYTHONPATH=str(BACKEND_ROOT), XDG_CACHE_HOME=str(shared_cache), ECHO_FAIL="1")
-    cmd = [
-        sys.executable, "-m", "zimage_backend.launcher",
-        "--config", str(config_file),
-        "--model-repository", str(echo_repo),
-        "--model", "echo",
-        "--http-port", str(http_port),
-        "--grpc-port", str(grpc_port),
-        "--metrics-port", str(metrics_port),
-        "--ready-timeout-s", "45",
-        "--log-file", str(tmp_path / "server.log"),
-    ]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0
-    assert "echo model refused to start" in result.stderr, "the error must quote the server log"
+    cli, _ = echo_cli(echo_repo, config_file, shared_cache, tmp_path / "server.log",
+                      env={"ECHO_FAIL": "1"})
+    assert cli.wait(timeout=60) != 0
+    assert "echo model refused to start" in cli.output, "the error must quote the server log"
