@@ -12,6 +12,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Sequence
 
+from .checked_settings import load_checked_settings
+from .settings import SettingsError
 from .triton_error import TritonServerError
 from .triton_process import TritonServer
 
@@ -59,6 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = _parse_args(sys.argv[1:] if argv is None else argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        # The model runs the same check, but only after tritonserver has started (seconds later)
+        # and its answer ends up in Triton's model table.
+        load_checked_settings(args.config)
+    except SettingsError as exc:
+        LOGGER.error("%s", exc)
+        return 2
 
     shutdown = threading.Event()
     received: list[str] = []

@@ -353,6 +353,45 @@ def test_cli_defaults_are_relative_to_the_current_directory(
     assert str(tmp_path / "config.yaml") in capsys.readouterr().err
 
 
+def _rename(section: dict, old: str, new: str) -> None:
+    section[new] = section.pop(old)
+
+
+@pytest.mark.parametrize("edit, line", [
+    (lambda d: _rename(d["encoding"], "png_threads", "png_thread"),
+     "encoding.png_thread: unknown key; the closest known key is png_threads; known keys here: "
+     "jpeg_quality, png_compress_level, png_threads, webp_quality"),
+    (lambda d: d["optimizations"]["torch_compile"].update(mode="fast"),
+     "optimizations.torch_compile.mode: 'fast' is not one of default, reduce-overhead, "
+     "max-autotune, max-autotune-no-cudagraphs"),
+    (lambda d: d["optimizations"]["warmup"].update(sizes=[[1000, 1024]]),
+     "optimizations.warmup.sizes[0]: [1000, 1024] is not allowed; give [height, width], both "
+     "positive multiples of 16"),
+    (lambda d: d["defaults"].update(height=4096),
+     "defaults.height: 4096 is not allowed; must be a multiple of 16 in [64, 2048] (from the "
+     "limits section)"),
+], ids=["misspelled-key", "compile-mode", "warmup-size", "default-outside-limits"])
+def test_cli_rejects_a_bad_config_in_one_line_before_starting_the_server(
+    edit, line: str, tmp_path: Path, echo_repo: Path
+) -> None:
+    data = yaml.safe_load(CONFIG.read_text())
+    edit(data)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    serve = Path(sys.executable).with_name("zimage-serve")
+    started = time.monotonic()
+    result = subprocess.run([str(serve), "--config", str(bad), "--model-repository", str(echo_repo)],
+                            capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].endswith(f"ERROR zimage_backend.launcher: {bad}: {line}")
+    # Before tritonserver is spawned (whose model reported this 11-16 s later) and without
+    # importing torch; the bound leaves room for a loaded CI machine.
+    assert elapsed < 3, f"{elapsed:.2f} s"
+
+
 # --- the real server ---------------------------------------------------------------------------
 
 
