@@ -45,10 +45,14 @@ class ServeCli:
         try:
             return self.proc.wait(timeout=timeout)
         finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self._reader.join(timeout=5)
+            self.close()
+
+    def close(self) -> None:
+        """Kills the launcher if it still runs (its server follows: it dies with its parent)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(timeout=5)
 
     def server_pid(self) -> int:
         """The tritonserver the launcher started (its only child)."""
