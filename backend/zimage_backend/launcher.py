@@ -15,7 +15,7 @@ from typing import Sequence
 from .checked_settings import load_checked_settings
 from .settings import SettingsError
 from .triton_error import TritonServerError
-from .triton_process import TritonServer
+from .triton_process import DEFAULT_READY_TIMEOUT_S, TritonServer
 
 # Not __name__: under `python -m` that would be "__main__".
 LOGGER = logging.getLogger("zimage_backend.launcher")
@@ -40,7 +40,7 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--address", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server")
     parser.add_argument("--model", default="zimage", help="model that must be ready")
-    parser.add_argument("--ready-timeout-s", type=float, default=600.0)
+    parser.add_argument("--ready-timeout-s", type=float, default=DEFAULT_READY_TIMEOUT_S)
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--log-file", type=Path, default=None, help="server log file; default: this process's output")
     parser.add_argument("--tritonserver", default=None, help="tritonserver binary to run")

@@ -33,6 +33,9 @@ from .triton_error import TritonServerError
 LOGGER = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 60
+# A first start with real weights downloads them (README: Docker) and compiles before it is
+# ready. docker/Dockerfile's HEALTHCHECK start period must equal this (tests/unit/test_docker.py).
+DEFAULT_READY_TIMEOUT_S = 1800.0
 # Health checks go to our own server: an http_proxy from the environment must not see them.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -115,7 +118,7 @@ class TritonServer:
         extra_env: Mapping[str, str] | None = None,
         log_file: str | os.PathLike[str] | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
-        ready_timeout_s: float = 600.0,
+        ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
     ) -> None:
         """Port 0 means "pick a free port" (at construction, so the URLs are known early).
 
