@@ -1,7 +1,7 @@
-"""zimage-serve against another server on its HTTP port: the hard case is one that answers 200 to
-every health check, so only the listening socket's owner tells the two apart.
-
-Each test starts the real tritonserver on our model repository (the shipped tiny config).
+"""Startups that must fail, on the real tritonserver and our model repository (the shipped tiny
+config): zimage-serve against another server on its HTTP port (the hard case answers 200 to every
+health check, so only the listening socket's owner tells the two apart), and the model's own
+check of config.yaml for servers started without zimage-serve.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import CONFIG, ROOT
 from tests.serve_cli import ServeCli
 from zimage_backend.python_backend import SHM_DIR
-from zimage_backend.triton_process import free_ports
+from zimage_backend.triton_error import TritonServerError
+from zimage_backend.triton_process import TritonServer, free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -93,3 +95,22 @@ def test_a_port_taken_while_the_model_loads_is_never_ready(tmp_path):
     # The tail of Triton's own log says why.
     assert f"Socket '127.0.0.1:{ports[0]}' already in use" in cli.output
     assert _regions(cli.shm_prefix()) == []
+
+
+def test_the_model_holds_the_defaults_to_the_limits_too(tmp_path):
+    # Without zimage-serve's check in front, initialize must still refuse defaults that every
+    # bare request would break.
+    data = yaml.safe_load(CONFIG.read_text())
+    data["defaults"]["height"] = 4096
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    server = TritonServer(ROOT / "model_repository", config_path=config, model="zimage",
+                          http_port=0, grpc_port=0, metrics_port=0,
+                          log_file=tmp_path / "server.log")
+    server.start()
+    try:
+        with pytest.raises(TritonServerError, match="before it was ready") as exc:
+            server.wait_until_ready(timeout_s=300)
+    finally:
+        server.stop()
+    assert f"{config}: defaults.height: 4096 is not allowed" in str(exc.value)
