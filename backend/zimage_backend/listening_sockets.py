@@ -14,10 +14,10 @@ _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's state column
 
 def _socket_inodes(pid: int) -> set[str]:
     fd_dir = Path(f"/proc/{pid}/fd")
-    inodes = set()
+    inodes: set[str] = set()
     try:
         fds = list(fd_dir.iterdir())
-    except OSError:  # gone, or not ours to inspect
+    except (FileNotFoundError, ProcessLookupError):  # the process is gone
         return inodes
     for fd in fds:
         try:
@@ -31,7 +31,7 @@ def _socket_inodes(pid: int) -> set[str]:
 
 def listening_ports(pid: int) -> set[int]:
     """TCP ports (IPv4 and IPv6) on which a socket held open by `pid` is listening; empty when
-    the process is gone."""
+    the process is gone. PermissionError when /proc does not let this process look."""
     inodes = _socket_inodes(pid)
     ports: set[int] = set()
     if not inodes:

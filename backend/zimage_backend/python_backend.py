@@ -104,7 +104,7 @@ def shm_prefix_in(args: list[str]) -> str | None:
 def remove_shm_regions(prefix: str, shm_dir: Path = SHM_DIR) -> list[str]:
     """Unlinks the regions named `prefix*`; returns their names. Safe once the server is gone."""
     removed: list[str] = []
-    if not prefix:
+    if not prefix or not shm_dir.is_dir():
         return removed
     for region in sorted(p for p in shm_dir.iterdir() if p.name.startswith(prefix)):
         try:

@@ -282,7 +282,13 @@ class TritonServer:
         process = self._process
         if process is None or process.poll() is not None:
             return False
-        return {self.http_port, self.grpc_port} <= listening_ports(process.pid)
+        try:
+            ports = listening_ports(process.pid)
+        except PermissionError as exc:
+            # Waiting on would only end at the ready timeout, many minutes later.
+            raise TritonServerError(f"cannot tell whether tritonserver (pid {process.pid}) listens "
+                                    f"on its ports: {exc}") from None
+        return {self.http_port, self.grpc_port} <= ports
 
     def is_ready(self) -> bool:
         # An answer alone could come from another server on the port.

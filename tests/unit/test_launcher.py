@@ -311,6 +311,31 @@ def test_start_refuses_a_port_another_process_holds(tmp_path: Path, echo_repo: P
     assert server.process is None
 
 
+def test_a_proc_that_hides_the_sockets_fails_at_once(
+    tmp_path: Path, echo_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # hidepid or a stricter ptrace policy: waiting could only end at the ready timeout.
+    fake = tmp_path / "tritonserver"
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")
+    fake.chmod(0o755)
+
+    def denied(pid: int) -> set[int]:
+        raise PermissionError(13, "Permission denied", f"/proc/{pid}/fd")
+
+    monkeypatch.setattr(triton_process, "listening_ports", denied)
+    server = TritonServer(echo_repo, tritonserver=fake, http_port=0, grpc_port=0, metrics_port=0,
+                          log_file=tmp_path / "server.log")
+    server.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(TritonServerError, match=r"cannot tell whether tritonserver \(pid "
+                                                    r"\d+\) listens on its ports: .*Permission"):
+            server.wait_until_ready(timeout_s=60)
+        assert time.monotonic() - started < 5
+    finally:
+        server.stop(timeout_s=5)
+
+
 # --- errors for missing inputs -------------------------------------------------------------
 
 
