@@ -277,8 +277,12 @@ class TritonServer:
             # Refused, reset or 400 "not ready" while the server is still coming up.
             return False
 
-    def owns_ports(self) -> bool:
-        """Whether our process itself listens on its HTTP and gRPC ports (not just anyone)."""
+    def owns_http_port(self) -> bool:
+        """Whether our process itself listens on its HTTP port, where the health checks go.
+
+        Not the gRPC port: `--allow-grpc=false` may turn it off, Triton opens it before HTTP,
+        and when another process holds it Triton exits, which the readiness wait reports.
+        """
         process = self._process
         if process is None or process.poll() is not None:
             return False
@@ -288,11 +292,11 @@ class TritonServer:
             # Waiting on would only end at the ready timeout, many minutes later.
             raise TritonServerError(f"cannot tell whether tritonserver (pid {process.pid}) listens "
                                     f"on its ports: {exc}") from None
-        return {self.http_port, self.grpc_port} <= ports
+        return self.http_port in ports
 
     def is_ready(self) -> bool:
         # An answer alone could come from another server on the port.
-        if not self.owns_ports() or not self._url_ok("/v2/health/ready"):
+        if not self.owns_http_port() or not self._url_ok("/v2/health/ready"):
             return False
         if self.model is not None and not self._url_ok(f"/v2/models/{self.model}/ready"):
             return False
