@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.common import ROOT, config_with, stamp, write_json
-from zimage_backend.launcher import TritonServer
+from zimage_backend.triton_process import TritonServer
 
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 GIB = 2**30

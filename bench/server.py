@@ -25,7 +25,7 @@ import numpy as np
 from bench.common import (PROMPT, ROOT, config_with, deviation, parse_overrides, stamp,
                           summarize, write_json)
 from zimage_backend.engine import PROFILE_ENV
-from zimage_backend.launcher import TritonServer
+from zimage_backend.triton_process import TritonServer
 from zimage_client import ZImageClient
 
 

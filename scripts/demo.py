@@ -10,7 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from zimage_backend.launcher import TritonServer
+from zimage_backend.triton_process import TritonServer
 from zimage_client import ZImageClient
 
 ROOT = Path(__file__).resolve().parents[1]

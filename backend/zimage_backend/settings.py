@@ -1,16 +1,19 @@
 """Typed view of config.yaml.
 
 The YAML file is the one source of truth; these dataclasses only give it types and checks, so a
-typo in a key fails at startup with the key's path instead of being silently ignored.
+typo in a key fails at startup with the key's path instead of being silently ignored. Whether the
+defaults and warmup sizes also pass a request's checks is `checked_settings`' job, which sits
+above both this module and `request`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -19,6 +22,7 @@ LOAD_FORMATS = ("auto", "dummy", "tiny")
 DTYPES = ("bfloat16", "float16", "float32")
 OUTPUT_FORMATS = ("png", "jpeg", "webp", "raw")
 ATTENTION_BACKENDS = ("_flash_3", "flash", "_native_cudnn", "_native_flash", "native")
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_MODULES = ("transformer", "vae_decoder", "text_encoder")
 # The engine marks each text encode as a new graph run and copies out what it keeps; the other
 # modules' outputs would be overwritten by their next replay within one pipeline call.
@@ -141,6 +145,7 @@ class Settings:
 
     def validate(self) -> Settings:
         m, d, lim, o = self.model, self.defaults, self.limits, self.optimizations
+        tc = o.torch_compile
         _one_of("model.load_format", m.load_format, LOAD_FORMATS)
         _one_of("model.dtype", m.dtype, DTYPES)
         _one_of("model.cpu_dtype", m.cpu_dtype, DTYPES)
@@ -156,11 +161,12 @@ class Settings:
                                 "or null (the whole GPU)")
         if not o.attention_backends:
             raise SettingsError("optimizations.attention_backends: give at least one backend")
-        for name in o.torch_compile.modules:
+        _one_of("optimizations.torch_compile.mode", tc.mode, TORCH_COMPILE_MODES)
+        for name in tc.modules:
             _one_of("optimizations.torch_compile.modules[]", name, COMPILE_MODULES)
-        for name in o.torch_compile.cuda_graphs:
+        for name in tc.cuda_graphs:
             _one_of("optimizations.torch_compile.cuda_graphs[]", name, CUDA_GRAPH_MODULES)
-            if name not in o.torch_compile.modules:
+            if name not in tc.modules:
                 raise SettingsError(f"optimizations.torch_compile.cuda_graphs: {name!r} is not "
                                     "compiled; add it to optimizations.torch_compile.modules")
         if lim.min_size % 16 or lim.max_size % 16 or not 16 <= lim.min_size <= lim.max_size:
@@ -168,6 +174,10 @@ class Settings:
                 f"limits.min_size/max_size: {lim.min_size}/{lim.max_size}; both must be multiples "
                 "of 16 with 16 <= min_size <= max_size"
             )
+        for i, size in enumerate(o.warmup.sizes):
+            if any(side < 16 or side % 16 for side in size):
+                raise SettingsError(f"optimizations.warmup.sizes[{i}]: {list(size)} is not allowed; "
+                                    "give [height, width], both positive multiples of 16")
         for key, value, low, high in (
             ("limits.max_steps", lim.max_steps, 1, 1000),
             ("limits.max_prompt_tokens", lim.max_prompt_tokens, 16, 4096),
@@ -181,21 +191,6 @@ class Settings:
         ):
             if not low <= value <= high:
                 raise SettingsError(f"{key}: {value} is outside [{low}, {high}]")
-        # The defaults must pass the same checks as a request, or every bare request would fail.
-        from .request import GenerationRequest, RequestError
-
-        try:
-            GenerationRequest(prompt="defaults", height=d.height, width=d.width,
-                              num_inference_steps=d.num_inference_steps,
-                              guidance_scale=d.guidance_scale, seed=0,
-                              output_format=d.output_format).validate(lim)
-            for height, width in o.warmup.sizes:
-                GenerationRequest(prompt="warmup", height=height, width=width,
-                                  num_inference_steps=o.warmup.num_inference_steps,
-                                  guidance_scale=d.guidance_scale, seed=0,
-                                  output_format="raw").validate(lim)
-        except RequestError as exc:
-            raise SettingsError(f"defaults or warmup break the limits: {exc}") from None
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,18 +207,26 @@ def _build(cls: type, data: Any, path: str) -> Any:
     if not isinstance(data, dict):
         raise SettingsError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    missing = sorted(names - set(data))
+    names = sorted(f.name for f in dataclasses.fields(cls))
+    # Unknown before missing: a misspelled key is both, and its spelling is what to fix.
+    unknown = sorted((key for key in data if key not in names), key=str)
+    if unknown:
+        key = str(unknown[0])
+        closest = difflib.get_close_matches(key, names, n=1)
+        hint = f"the closest known key is {closest[0]}; " if closest else ""
+        raise SettingsError(f"{_join(path, key)}: unknown key; {hint}known keys here: "
+                            f"{', '.join(names)}")
+    missing = [name for name in names if name not in data]
     if missing:
         raise SettingsError(f"{path or 'config'}: missing key(s) {', '.join(missing)}")
-    if unknown:
-        raise SettingsError(f"{path or 'config'}: unknown key(s) {', '.join(unknown)}; "
-                            f"known: {', '.join(sorted(names))}")
     kwargs = {}
     for key, value in data.items():
-        kwargs[key] = _coerce(hints[key], value, f"{path}.{key}" if path else key)
+        kwargs[key] = _coerce(hints[key], value, _join(path, key))
     return cls(**kwargs)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
@@ -239,8 +242,11 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise SettingsError(f"{path}: expected a list, got {value!r}")
-        inner = args[0]
-        return tuple(_coerce(inner, v, f"{path}[{i}]") for i, v in enumerate(value))
+        if args[-1] is Ellipsis:
+            args = (args[0],) * len(value)
+        elif len(value) != len(args):
+            raise SettingsError(f"{path}: expected a list of {len(args)} items, got {value!r}")
+        return tuple(_coerce(inner, v, f"{path}[{i}]") for i, (inner, v) in enumerate(zip(args, value)))
     if hint is bool:
         if not isinstance(value, bool):
             raise SettingsError(f"{path}: expected true or false, got {value!r}")
@@ -264,14 +270,29 @@ def parse_settings(data: dict[str, Any] | None) -> Settings:
     return _build(Settings, data or {}, "").validate()
 
 
-def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
-    """Reads config.yaml from `path`, else from $ZIMAGE_CONFIG."""
+def load_settings(path: str | os.PathLike[str] | None = None,
+                  check: Callable[[Settings], Settings] | None = None) -> Settings:
+    """Reads config.yaml from `path`, else from $ZIMAGE_CONFIG; `check` runs further checks
+    that belong to other modules (see `checked_settings`).
+
+    Every error is one line that starts with the file, so a launcher can show it as it is.
+    """
     path = path or os.environ.get(CONFIG_ENV)
     if not path:
         raise SettingsError(f"no config file given and ${CONFIG_ENV} is not set")
-    text = Path(path).expanduser().read_text(encoding="utf-8")
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{path}: cannot read: {exc}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SettingsError(f"{path}: not valid YAML: {exc}") from None
-    return parse_settings(data)
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise SettingsError(f"{path}: not valid YAML{where}: {problem}") from None
+    try:
+        settings = parse_settings(data)
+        return check(settings) if check is not None else settings
+    except SettingsError as exc:
+        raise SettingsError(f"{path}: {exc}") from None

@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import CONFIG, ROOT
 from tests.e2e.helpers import Tally
-from zimage_backend.launcher import TritonServer
+from zimage_backend.triton_process import TritonServer
 from zimage_client import ZImageClient
 
 pytestmark = pytest.mark.e2e

@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.conftest import CONFIG, ROOT
 from zimage_backend.engine import FAULT_ENV
-from zimage_backend.launcher import TritonServer
+from zimage_backend.triton_process import TritonServer
 from zimage_client import ServerUnavailableError, ZImageClient
 
 pytestmark = pytest.mark.e2e

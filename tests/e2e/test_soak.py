@@ -37,7 +37,7 @@ from tests.e2e.helpers import (
     send,
     tree_rss,
 )
-from zimage_backend.launcher import TritonServer
+from zimage_backend.triton_process import TritonServer
 from zimage_client import InvalidRequestError, ServerUnavailableError, ZImageClient
 
 pytestmark = pytest.mark.e2e

@@ -9,7 +9,7 @@ import re
 import yaml
 
 from tests.conftest import ROOT
-from zimage_backend import launcher
+from zimage_backend import launcher, triton_process
 
 DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
 COMPOSE = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
@@ -62,3 +62,35 @@ def test_compose_gives_every_gpu_and_mounts_the_config():
 
 def test_numpy_stays_below_2_for_the_stub():
     assert '"numpy>=1.24,<2"' in PYPROJECT
+
+
+def _healthcheck_option(name: str) -> str:
+    match = re.search(rf"HEALTHCHECK .*?--{name}=(\S+)", DOCKERFILE, re.S)
+    assert match, f"HEALTHCHECK has no --{name}"
+    return match.group(1)
+
+
+def test_healthcheck_start_period_is_the_launchers_ready_timeout(tmp_path):
+    # A first start downloads the weights and compiles; a shorter wait killed it (issue 12).
+    (tmp_path / "config.yaml").write_text("")
+    (tmp_path / "repo").mkdir()
+    argv = [str(tmp_path / "config.yaml") if a == "/opt/zimage/config.yaml" else
+            str(tmp_path / "repo") if a == "/opt/zimage/model_repository" else a
+            for a in _entrypoint()[1:]]
+    args, _ = launcher._parse_args(argv)
+    start_period = _healthcheck_option("start-period")
+    assert start_period.endswith("s")
+    assert float(start_period[:-1]) == args.ready_timeout_s == triton_process.DEFAULT_READY_TIMEOUT_S
+    assert args.ready_timeout_s >= 1800
+    # compose runs the image as built: no other timeout, entrypoint or health check of its own.
+    service = COMPOSE["services"]["zimage"]
+    assert not {"healthcheck", "entrypoint", "command"} & set(service)
+
+
+def test_image_torch_is_the_gpu_tested_build():
+    # bench/results record the torch every GPU figure was measured with.
+    recorded = {json.loads(p.read_text())["card"]["torch"]
+                for p in (ROOT / "bench" / "results").glob("*/results.json")}
+    spec = re.search(r'ARG TORCH_SPEC="torch==([^"]+)"', DOCKERFILE).group(1)
+    index = re.search(r"ARG TORCH_INDEX=\S+/whl/(\w+)", DOCKERFILE).group(1)
+    assert f"{spec}+{index}" in recorded, recorded

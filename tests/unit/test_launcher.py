@@ -1,4 +1,5 @@
-"""Tests for zimage_backend.launcher; the slow ones start the real tritonserver from the pytriton wheel.
+"""Tests for zimage-serve and the modules it is built from (triton_binary, python_backend,
+triton_process); the slow ones start the real tritonserver from the pytriton wheel.
 
 Run with: PYTHONPATH=backend pytest tests/unit/test_launcher.py
 """
@@ -11,18 +12,22 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
+import yaml
 
-from zimage_backend import launcher
-from zimage_backend.launcher import TritonServer, TritonServerError
+from tests.conftest import CONFIG
+from tests.serve_cli import ServeCli
+from zimage_backend import (launcher, listening_sockets, python_backend, triton_binary,
+                            triton_process)
+from zimage_backend.triton_error import TritonServerError
+from zimage_backend.triton_process import TritonServer
 
-BACKEND_ROOT = Path(__file__).resolve().parents[2] / "backend"
-DIST = launcher.pytriton_dist_dir()
+DIST = triton_binary.pytriton_dist_dir()
 needs_wheel = pytest.mark.skipif(DIST is None, reason="needs the nvidia-pytriton wheel's tritonserver")
 
 ECHO_CONFIG = """\
@@ -82,8 +87,9 @@ def echo_repo(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
+    # A valid config: zimage-serve checks it before it starts the (echo) server.
     path = tmp_path / "config.yaml"
-    path.write_text("model: {}\n")
+    path.write_text(CONFIG.read_text())
     return path
 
 
@@ -104,10 +110,10 @@ def port_is_free(port: int) -> bool:
 @needs_wheel
 def test_finds_the_wheels_tritonserver() -> None:
     assert DIST is not None
-    found = launcher.find_tritonserver()
+    found = triton_binary.find_tritonserver()
     assert found == (DIST / "bin" / "tritonserver").resolve()
     assert os.access(found, os.X_OK)
-    assert launcher.wheel_dist_of(found) == DIST.resolve()
+    assert triton_binary.wheel_dist_of(found) == DIST.resolve()
 
 
 def test_explicit_path_beats_env_and_env_beats_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,20 +121,20 @@ def test_explicit_path_beats_env_and_env_beats_wheel(tmp_path: Path, monkeypatch
     explicit.write_text("")
     from_env.write_text("")
     monkeypatch.setenv("TRITONSERVER", str(from_env))
-    assert launcher.find_tritonserver(explicit) == explicit.resolve()
-    assert launcher.find_tritonserver() == from_env.resolve()
-    assert launcher.wheel_dist_of(from_env) is None
+    assert triton_binary.find_tritonserver(explicit) == explicit.resolve()
+    assert triton_binary.find_tritonserver() == from_env.resolve()
+    assert triton_binary.wheel_dist_of(from_env) is None
 
 
 def test_missing_explicit_binary_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(TritonServerError, match="tritonserver binary not found"):
-        launcher.find_tritonserver(tmp_path / "nope")
+        triton_binary.find_tritonserver(tmp_path / "nope")
 
 
 @needs_wheel
 def test_backend_dir_has_backend_and_this_pythons_stub(tmp_path: Path) -> None:
     assert DIST is not None
-    backends = launcher.prepare_backend_dir(DIST, tmp_path)
+    backends = python_backend.prepare_backend_dir(DIST, tmp_path)
     python_dir = backends / "python"
     assert (python_dir / "libtriton_python.so").is_file()
     assert (python_dir / "triton_python_backend_utils.py").is_file()
@@ -138,11 +144,11 @@ def test_backend_dir_has_backend_and_this_pythons_stub(tmp_path: Path) -> None:
     assert os.access(stub, os.X_OK)
 
     before = {p.name: p.stat().st_ino for p in python_dir.iterdir()}
-    assert launcher.prepare_backend_dir(DIST, tmp_path) == backends
+    assert python_backend.prepare_backend_dir(DIST, tmp_path) == backends
     assert {p.name: p.stat().st_ino for p in python_dir.iterdir()} == before, "second run must not copy again"
 
     stub.write_bytes(b"truncated")
-    launcher.prepare_backend_dir(DIST, tmp_path)
+    python_backend.prepare_backend_dir(DIST, tmp_path)
     assert stub.read_bytes() == expected.read_bytes(), "a damaged copy must be replaced"
 
 
@@ -240,10 +246,10 @@ def test_default_log_verbose_is_zero_and_public_address_is_reached_locally(tmp_p
 
 
 def test_free_ports_are_distinct_and_bindable() -> None:
-    ports = launcher.free_ports(3)
+    ports = triton_process.free_ports(3)
     assert len(set(ports)) == 3
     assert all(port_is_free(p) for p in ports)
-    assert port_is_free(launcher.free_port())
+    assert port_is_free(triton_process.free_port())
 
 
 def test_port_zero_picks_distinct_free_ports(tmp_path: Path) -> None:
@@ -252,6 +258,89 @@ def test_port_zero_picks_distinct_free_ports(tmp_path: Path) -> None:
     server = TritonServer(tmp_path, tritonserver=fake, http_port=0, grpc_port=0, metrics_port=0)
     ports = {server.http_port, server.grpc_port, server.metrics_port}
     assert len(ports) == 3 and 0 not in ports
+
+
+def test_listening_ports_are_this_process_own(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        assert port not in listening_sockets.listening_ports(os.getpid()), "bound is not listening"
+        listener.listen()
+        assert port in listening_sockets.listening_ports(os.getpid())
+        # Another process sees the same namespace-wide table but does not hold the socket.
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                                 close_fds=True)
+        try:
+            time.sleep(0.2)
+            assert port not in listening_sockets.listening_ports(other.pid)
+        finally:
+            other.kill()
+            other.wait()
+        assert listening_sockets.listening_ports(other.pid) == set(), "a gone process owns nothing"
+    assert port not in listening_sockets.listening_ports(os.getpid())
+
+
+def test_shm_regions_removed_are_exactly_the_prefixed_ones(tmp_path: Path) -> None:
+    prefix = python_backend.new_shm_prefix()
+    assert prefix != python_backend.new_shm_prefix()
+    ours = [f"{prefix}1f2e", f"{prefix}77aa"]
+    others = ["triton_python_backend_shm_region_1f2e", prefix[:-1] + "x_9"]
+    for name in ours + others:
+        (tmp_path / name).write_bytes(b"\0" * 16)
+    assert python_backend.remove_shm_regions(prefix, tmp_path) == sorted(ours)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
+    assert python_backend.remove_shm_regions("", tmp_path) == []
+
+
+def test_command_sets_a_shm_prefix_unless_the_extra_args_do(tmp_path: Path) -> None:
+    fake = tmp_path / "tritonserver"
+    fake.write_text("")
+    server = TritonServer(tmp_path, tritonserver=fake)
+    assert python_backend.shm_prefix_arg(server.shm_prefix) in server.build_command()
+    assert TritonServer(tmp_path, tritonserver=fake).shm_prefix != server.shm_prefix
+    for extra in (["--backend-config=python,shm-region-prefix-name=mine_"],
+                  ["--backend-config", "python,shm-region-prefix-name=mine_"]):
+        given = TritonServer(tmp_path, tritonserver=fake, extra_args=extra)
+        assert given.shm_prefix == "mine_"
+        assert [a for a in given.build_command() if "shm-region-prefix-name" in a] == extra[-1:]
+
+
+def test_start_refuses_a_port_another_process_holds(tmp_path: Path, echo_repo: Path) -> None:
+    fake = tmp_path / "tritonserver"
+    fake.write_text("")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        server = TritonServer(echo_repo, tritonserver=fake, http_port=0, grpc_port=port)
+        with pytest.raises(TritonServerError, match=f"gRPC port {port} on 127.0.0.1 is already in use"):
+            server.start()
+    assert server.process is None
+
+
+def test_a_proc_that_hides_the_sockets_fails_at_once(
+    tmp_path: Path, echo_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # hidepid or a stricter ptrace policy: waiting could only end at the ready timeout.
+    fake = tmp_path / "tritonserver"
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")
+    fake.chmod(0o755)
+
+    def denied(pid: int) -> set[int]:
+        raise PermissionError(13, "Permission denied", f"/proc/{pid}/fd")
+
+    monkeypatch.setattr(triton_process, "listening_ports", denied)
+    server = TritonServer(echo_repo, tritonserver=fake, http_port=0, grpc_port=0, metrics_port=0,
+                          log_file=tmp_path / "server.log")
+    server.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(TritonServerError, match=r"cannot tell whether tritonserver \(pid "
+                                                    r"\d+\) listens on its ports: .*Permission"):
+            server.wait_until_ready(timeout_s=60)
+        assert time.monotonic() - started < 5
+    finally:
+        server.stop(timeout_s=5)
 
 
 # --- errors for missing inputs -------------------------------------------------------------
@@ -294,6 +383,45 @@ def test_cli_defaults_are_relative_to_the_current_directory(
     with pytest.raises(SystemExit):
         launcher.main([])
     assert str(tmp_path / "config.yaml") in capsys.readouterr().err
+
+
+def _rename(section: dict, old: str, new: str) -> None:
+    section[new] = section.pop(old)
+
+
+@pytest.mark.parametrize("edit, line", [
+    (lambda d: _rename(d["encoding"], "png_threads", "png_thread"),
+     "encoding.png_thread: unknown key; the closest known key is png_threads; known keys here: "
+     "jpeg_quality, png_compress_level, png_threads, webp_quality"),
+    (lambda d: d["optimizations"]["torch_compile"].update(mode="fast"),
+     "optimizations.torch_compile.mode: 'fast' is not one of default, reduce-overhead, "
+     "max-autotune, max-autotune-no-cudagraphs"),
+    (lambda d: d["optimizations"]["warmup"].update(sizes=[[1000, 1024]]),
+     "optimizations.warmup.sizes[0]: [1000, 1024] is not allowed; give [height, width], both "
+     "positive multiples of 16"),
+    (lambda d: d["defaults"].update(height=4096),
+     "defaults.height: 4096 is not allowed; must be a multiple of 16 in [64, 2048] (from the "
+     "limits section)"),
+], ids=["misspelled-key", "compile-mode", "warmup-size", "default-outside-limits"])
+def test_cli_rejects_a_bad_config_in_one_line_before_starting_the_server(
+    edit, line: str, tmp_path: Path, echo_repo: Path
+) -> None:
+    data = yaml.safe_load(CONFIG.read_text())
+    edit(data)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    serve = Path(sys.executable).with_name("zimage-serve")
+    started = time.monotonic()
+    result = subprocess.run([str(serve), "--config", str(bad), "--model-repository", str(echo_repo)],
+                            capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].endswith(f"ERROR zimage_backend.launcher: {bad}: {line}")
+    # Before tritonserver is spawned (whose model reported this 11-16 s later) and without
+    # importing torch; the bound leaves room for a loaded CI machine.
+    assert elapsed < 3, f"{elapsed:.2f} s"
 
 
 # --- the real server ---------------------------------------------------------------------------
@@ -364,75 +492,73 @@ def test_real_server_failure_reports_the_log_tail(echo_repo: Path, shared_cache:
     assert not server.is_running()
 
 
+def echo_cli(echo_repo: Path, config_file: Path, shared_cache: Path, log_file: Path,
+             extra: Sequence[str] = (), env: dict[str, str] | None = None) -> tuple[ServeCli, list[int]]:
+    """`zimage-serve` on the echo model, on free ports."""
+    ports = triton_process.free_ports(3)
+    args = [
+        "--config", str(config_file),
+        "--model-repository", str(echo_repo),
+        "--model", "echo",
+        "--http-port", str(ports[0]),
+        "--grpc-port", str(ports[1]),
+        "--metrics-port", str(ports[2]),
+        "--ready-timeout-s", "45",
+        "--log-file", str(log_file),
+        "--", *extra,
+    ]  # fmt: skip
+    return ServeCli(args, dict(env or {}, XDG_CACHE_HOME=str(shared_cache))), ports
+
+
 @needs_wheel
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_cli_exits_zero_after_signal(
     sig: signal.Signals, echo_repo: Path, config_file: Path, shared_cache: Path, tmp_path: Path
 ) -> None:
-    http_port, grpc_port, metrics_port = launcher.free_ports(3)
-    env = dict(os.environ, PYTHONPATH=str(BACKEND_ROOT), XDG_CACHE_HOME=str(shared_cache))
-    cmd = [
-        sys.executable, "-m", "zimage_backend.launcher",
-        "--config", str(config_file),
-        "--model-repository", str(echo_repo),
-        "--model", "echo",
-        "--http-port", str(http_port),
-        "--grpc-port", str(grpc_port),
-        "--metrics-port", str(metrics_port),
-        "--ready-timeout-s", "45",
-        "--log-file", str(tmp_path / "server.log"),
-        "--", "--exit-timeout-secs=10",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read_stderr() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if "ready: HTTP" in line:
-                ready.set()
-
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
+    cli, ports = echo_cli(echo_repo, config_file, shared_cache, tmp_path / "server.log",
+                          ["--exit-timeout-secs=10"])
     try:
-        assert ready.wait(timeout=45), "no ready line:\n" + "".join(lines)
-        assert f"http://127.0.0.1:{http_port}" in "".join(lines)
-        proc.send_signal(sig)
+        # The signal comes the moment the ready line is out: it must not be lost in logging.
+        assert cli.wait_for("ready: HTTP"), "no ready line:\n" + cli.output
+        assert f"http://127.0.0.1:{ports[0]}" in cli.output
+        cli.proc.send_signal(sig)
+    finally:
         # TritonServer.stop() may take 30 s of SIGINT, then 5 of SIGTERM and 5 of SIGKILL: the
         # bound must outlast that, or a slow shutdown on a loaded machine fails the test.
-        assert proc.wait(timeout=60) == 0, "".join(lines)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    reader.join(timeout=5)
-    assert "stopping tritonserver" in "".join(lines)
+        code = cli.wait(timeout=60)
+    assert code == 0, cli.output
+    assert "stopping tritonserver" in cli.output
     # The server must be gone, not orphaned: its ports are free again.
     deadline = time.monotonic() + 10
-    while not all(port_is_free(p) for p in (http_port, grpc_port, metrics_port)):
+    while not all(port_is_free(p) for p in ports):
         assert time.monotonic() < deadline, "tritonserver still holds its ports"
         time.sleep(0.2)
+
+
+@needs_wheel
+def test_cli_reports_a_server_that_dies_after_ready_and_removes_its_shm(
+    echo_repo: Path, config_file: Path, shared_cache: Path, tmp_path: Path
+) -> None:
+    cli, _ = echo_cli(echo_repo, config_file, shared_cache, tmp_path / "server.log")
+    try:
+        assert cli.wait_for("ready: HTTP"), "no ready line:\n" + cli.output
+        prefix = cli.shm_prefix()
+        assert any(p.name.startswith(prefix) for p in python_backend.SHM_DIR.iterdir()), \
+            "the stub's region should carry the launcher's prefix"
+        os.kill(cli.server_pid(), signal.SIGKILL)
+    finally:
+        code = cli.wait(timeout=30)
+    assert code == 128 + signal.SIGKILL, cli.output
+    assert "tritonserver exited with code -9 after it was ready" in cli.output
+    assert "lines of the server log ---" in cli.output and "Started HTTPService" in cli.output
+    assert not [p.name for p in python_backend.SHM_DIR.iterdir() if p.name.startswith(prefix)]
 
 
 @needs_wheel
 def test_cli_returns_the_servers_exit_code_when_the_model_fails(
     echo_repo: Path, config_file: Path, shared_cache: Path, tmp_path: Path
 ) -> None:
-    http_port, grpc_port, metrics_port = launcher.free_ports(3)
-    env = dict(os.environ, PYTHONPATH=str(BACKEND_ROOT), XDG_CACHE_HOME=str(shared_cache), ECHO_FAIL="1")
-    cmd = [
-        sys.executable, "-m", "zimage_backend.launcher",
-        "--config", str(config_file),
-        "--model-repository", str(echo_repo),
-        "--model", "echo",
-        "--http-port", str(http_port),
-        "--grpc-port", str(grpc_port),
-        "--metrics-port", str(metrics_port),
-        "--ready-timeout-s", "45",
-        "--log-file", str(tmp_path / "server.log"),
-    ]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0
-    assert "echo model refused to start" in result.stderr, "the error must quote the server log"
+    cli, _ = echo_cli(echo_repo, config_file, shared_cache, tmp_path / "server.log",
+                      env={"ECHO_FAIL": "1"})
+    assert cli.wait(timeout=60) != 0
+    assert "echo model refused to start" in cli.output, "the error must quote the server log"

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
+from zimage_backend.checked_settings import load_checked_settings
 from zimage_backend.engine import Engine, resolve_device
 from zimage_backend.metrics import Metrics
 from zimage_backend.request import INPUTS, OUTPUTS
 from zimage_backend.service import Service
-from zimage_backend.settings import CONFIG_ENV, load_settings
+from zimage_backend.settings import CONFIG_ENV
 
 log = logging.getLogger("zimage_backend.model")
 
@@ -63,7 +64,7 @@ class TritonPythonModel:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s zimage %(levelname)s %(name)s: %(message)s")
         path = _config_path(args)
-        settings = load_settings(path)
+        settings = load_checked_settings(path)
         device = resolve_device(args["model_instance_kind"], args["model_instance_device_id"])
         log.info("instance %s on %s, settings from %s", args["model_instance_name"], device, path)
         self.engine = Engine(settings, device)
