@@ -307,7 +307,7 @@ class ZImageClient:
         """Generate one image per prompt, returned in prompt order.
 
         Each prompt is its own request and up to ``concurrency`` are in flight at
-        once, so Triton's dynamic batcher can group them on the GPU.  ``seed`` is
+        once, so every model instance always has a request waiting.  ``seed`` is
         either a base (prompt ``i`` uses ``seed + i``) or one seed per prompt.
 
         ``progress`` is called as ``progress(index, image_or_exception)`` when each
