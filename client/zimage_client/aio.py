@@ -8,8 +8,9 @@ import logging
 import time
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from ._calls import Calls
 from ._fanout import ProgressHook, ProgressReporter, build_requests, check_concurrency, collect_results
-from ._tensors import GenerateRequest, parse_result, to_infer_inputs, to_requested_outputs
+from ._tensors import GenerateRequest, parse_result
 from ._transport import POLL_INITIAL_S, POLL_MAX_S, PROBE_MAX_S, Transport
 from .errors import ZImageError, ZImageTimeoutError
 from .generated_image import GeneratedImage
@@ -48,6 +49,7 @@ class AsyncZImageClient:
         self._transport = Transport(
             url, protocol, model_name, model_version, init_timeout_s, inference_timeout_s, connection_timeout_s
         )
+        self._calls = Calls(self._transport)
         self._verbose = bool(verbose)
         self._triton: Any = None
         self._ready = self._transport.init_timeout_s is None
@@ -99,19 +101,16 @@ class AsyncZImageClient:
                 self._triton = self._lib().InferenceServerClient(t.endpoint.address, **kwargs)
         return self._triton
 
-    def _grpc_kwargs(self, timeout_s: Optional[float]) -> Dict[str, Any]:
-        return {"client_timeout": timeout_s} if self._transport.is_grpc else {}
-
     async def _probe(self, timeout_s: float) -> Optional[str]:
         t = self._transport
         client = self._client()
         with t.translate_errors("readiness check", timeout_s):
             # wait_for bounds HTTP probes too, whose session deadline is the long inference one.
-            live = await asyncio.wait_for(client.is_server_live(**self._grpc_kwargs(timeout_s)), timeout_s)
+            live = await asyncio.wait_for(client.is_server_live(**self._calls.deadline(timeout_s)), timeout_s)
             if not live:
                 return "server is not live"
             ready = await asyncio.wait_for(
-                client.is_model_ready(t.model_name, t.model_version, **self._grpc_kwargs(timeout_s)), timeout_s
+                client.is_model_ready(t.model_name, t.model_version, **self._calls.deadline(timeout_s)), timeout_s
             )
             if not ready:
                 return f"server is live but model {t.model_name!r} is not ready"
@@ -153,32 +152,22 @@ class AsyncZImageClient:
     async def model_config(self) -> Dict[str, Any]:
         """The model's Triton config as a dict (same shape for gRPC and HTTP)."""
         t = self._transport
-        extra = {"as_json": True, "client_timeout": t.inference_timeout_s} if t.is_grpc else {}
         with t.translate_errors("model config", t.inference_timeout_s):
-            config = await self._client().get_model_config(t.model_name, t.model_version, **extra)
-        return config.get("config", config) if t.is_grpc else config
+            config = await self._client().get_model_config(t.model_name, t.model_version, **self._calls.metadata())
+        return self._calls.model_config(config)
 
     async def server_metadata(self) -> Dict[str, Any]:
         """Triton's server metadata (name, version, extensions)."""
         t = self._transport
-        extra = {"as_json": True, "client_timeout": t.inference_timeout_s} if t.is_grpc else {}
         with t.translate_errors("server metadata", t.inference_timeout_s):
-            return await self._client().get_server_metadata(**extra)
+            return await self._client().get_server_metadata(**self._calls.metadata())
 
     async def _infer(self, request: GenerateRequest) -> GeneratedImage:
         t = self._transport
-        lib = self._lib()
         client = self._client()
-        inputs = to_infer_inputs(request.input_arrays(), lib)
-        outputs = to_requested_outputs(request.output_names(), lib)
+        call = self._calls.infer(request, self._lib())
         with t.translate_errors("inference", t.inference_timeout_s):
-            result = await client.infer(
-                t.model_name,
-                inputs,
-                model_version=t.model_version,
-                outputs=outputs,
-                **self._grpc_kwargs(t.inference_timeout_s),
-            )
+            result = await client.infer(**call)
         return parse_result(result, request)
 
     async def generate(
