@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import time
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ._calls import Calls
 from ._fanout import ProgressHook, ProgressReporter, build_requests, check_concurrency, collect_results
+from ._readiness import ReadinessWait, readiness_checks
 from ._tensors import GenerateRequest, parse_result
-from ._transport import POLL_INITIAL_S, POLL_MAX_S, PROBE_MAX_S, Transport
-from .errors import ZImageError, ZImageTimeoutError
+from ._transport import Transport
+from .errors import ZImageError
 from .generated_image import GeneratedImage
 
 __all__ = ["AsyncZImageClient"]
@@ -105,39 +105,25 @@ class AsyncZImageClient:
         t = self._transport
         client = self._client()
         with t.translate_errors("readiness check", timeout_s):
-            # wait_for bounds HTTP probes too, whose session deadline is the long inference one.
-            live = await asyncio.wait_for(client.is_server_live(**self._calls.deadline(timeout_s)), timeout_s)
-            if not live:
-                return "server is not live"
-            ready = await asyncio.wait_for(
-                client.is_model_ready(t.model_name, t.model_version, **self._calls.deadline(timeout_s)), timeout_s
-            )
-            if not ready:
-                return f"server is live but model {t.model_name!r} is not ready"
+            for check in readiness_checks(t, self._calls, timeout_s):
+                # wait_for bounds HTTP probes too, whose session deadline is the long inference one.
+                if not await asyncio.wait_for(check.start(client), timeout_s):
+                    return check.failure
         return None
 
     async def wait_for_ready(self, timeout_s: float) -> None:
         """Wait until the server is live and the model ready; ``ZImageTimeoutError`` after ``timeout_s``."""
-        timeout_s = float(timeout_s)
-        deadline = time.monotonic() + timeout_s
-        delay = POLL_INITIAL_S
-        reason: Optional[str] = "no answer yet"
+        wait = ReadinessWait(self._transport, timeout_s)
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ZImageTimeoutError(
-                    f"{self.url} model {self.model_name!r} not ready after {timeout_s:g} s: {reason}"
-                )
+            probe_s = wait.next_probe_s()
             try:
-                reason = await self._probe(min(remaining, PROBE_MAX_S))
+                reason = await self._probe(probe_s)
             except ZImageError as exc:
                 reason = str(exc)
             if reason is None:
                 self._ready = True
                 return
-            _LOGGER.debug("waiting for %s: %s", self.url, reason)
-            await asyncio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
-            delay = min(delay * 1.5, POLL_MAX_S)
+            await asyncio.sleep(wait.not_ready(reason))
 
     async def _ensure_ready(self) -> None:
         if self._ready:

@@ -10,9 +10,10 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ._calls import Calls
 from ._fanout import ProgressHook, ProgressReporter, build_requests, check_concurrency, collect_results
+from ._readiness import ReadinessWait, readiness_checks
 from ._tensors import GenerateRequest, parse_result
-from ._transport import POLL_INITIAL_S, POLL_MAX_S, PROBE_MAX_S, Transport
-from .errors import ZImageError, ZImageTimeoutError
+from ._transport import Transport
+from .errors import ZImageError
 from .generated_image import GeneratedImage
 
 __all__ = ["ZImageClient"]
@@ -166,10 +167,9 @@ class ZImageClient:
             client, owned = self._new_http_client(connection_timeout_s=timeout_s, network_timeout_s=timeout_s), True
         try:
             with t.translate_errors("readiness check", timeout_s):
-                if not client.is_server_live(**self._calls.deadline(timeout_s)):
-                    return "server is not live"
-                if not client.is_model_ready(t.model_name, t.model_version, **self._calls.deadline(timeout_s)):
-                    return f"server is live but model {t.model_name!r} is not ready"
+                for check in readiness_checks(t, self._calls, timeout_s):
+                    if not check.start(client):
+                        return check.failure
             return None
         finally:
             if owned:
@@ -182,26 +182,17 @@ class ZImageClient:
         passes; connection failures are retried, since a server that is starting
         refuses connections for a while.
         """
-        timeout_s = float(timeout_s)
-        deadline = time.monotonic() + timeout_s
-        delay = POLL_INITIAL_S
-        reason = "no answer yet"
+        wait = ReadinessWait(self._transport, timeout_s)
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ZImageTimeoutError(
-                    f"{self.url} model {self.model_name!r} not ready after {timeout_s:g} s: {reason}"
-                )
+            probe_s = wait.next_probe_s()
             try:
-                reason = self._probe(min(remaining, PROBE_MAX_S))
+                reason = self._probe(probe_s)
             except ZImageError as exc:
                 reason = str(exc)
             if reason is None:
                 self._ready = True
                 return
-            _LOGGER.debug("waiting for %s: %s", self.url, reason)
-            time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
-            delay = min(delay * 1.5, POLL_MAX_S)
+            time.sleep(wait.not_ready(reason))
 
     def _ensure_ready(self) -> None:
         if self._ready:

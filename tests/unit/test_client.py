@@ -792,6 +792,23 @@ def test_async_wait_for_ready_times_out(silent_port):
         assert time.monotonic() - started < 1.5
 
 
+def test_both_clients_wait_for_an_unready_model_alike(server_url):
+    """The fake server is live but has no model 'other': both clients poll until their wait is
+    over, then name the last reason."""
+    expected = f"{server_url} model 'other' not ready after 0.4 s: server is live but model 'other' is not ready"
+
+    async def run():
+        async with AsyncZImageClient(server_url, model_name="other") as client:
+            await client.wait_for_ready(0.4)
+
+    with ZImageClient(server_url, model_name="other") as client:
+        with pytest.raises(ZImageTimeoutError) as sync_info:
+            client.wait_for_ready(0.4)
+    with pytest.raises(ZImageTimeoutError) as async_info:
+        asyncio.run(run())
+    assert str(sync_info.value) == str(async_info.value) == expected
+
+
 def test_init_timeout_makes_first_call_wait_then_time_out():
     with ZImageClient(f"127.0.0.1:{_free_port()}", "grpc", init_timeout_s=0.4) as client:
         started = time.monotonic()
