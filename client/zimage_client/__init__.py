@@ -17,6 +17,8 @@ from .aio import AsyncZImageClient
 from .client import ZImageClient
 from .errors import (
     InvalidRequestError,
+    QueueFullError,
+    QueueTimeoutError,
     RequestCancelledError,
     ResourceExhaustedError,
     ServerUnavailableError,
@@ -40,6 +42,8 @@ __all__ = [
     "ZImageServerError",
     "InvalidRequestError",
     "ServerUnavailableError",
+    "QueueFullError",
+    "QueueTimeoutError",
     "RequestCancelledError",
     "ResourceExhaustedError",
     "map_triton_error",

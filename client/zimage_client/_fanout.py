@@ -1,9 +1,10 @@
 """Fan-out helpers for ``generate_many``, shared by the sync and asyncio clients.
 
-Both clients send one request per prompt (so Triton's dynamic batcher, not the
-client, decides how prompts are grouped on the GPU) and must agree on how seeds
-are spread, how progress is reported and how failures surface; that policy
-lives here once.
+Both clients send one request per prompt, up to ``concurrency`` at once so that
+every model instance has the next request waiting (Triton hands each instance
+one request at a time; see model_repository/zimage/config.pbtxt), and must agree
+on how seeds are spread, how progress is reported and how failures surface; that
+policy lives here once.
 """
 
 from __future__ import annotations

@@ -197,8 +197,7 @@ def _readonly(array: np.ndarray) -> np.ndarray:
 def parse_result(result: Any, request: GenerateRequest) -> GeneratedImage:
     """Build a ``GeneratedImage`` from a tritonclient ``InferResult`` (anything with ``as_numpy``).
 
-    Only batch row 0 is read: the client sends one prompt per request and lets
-    Triton's dynamic batcher do the batching server-side.
+    Only batch row 0 is read: the client sends one prompt, so one row, per request.
     """
     metadata = _parse_metadata(result.as_numpy("METADATA"))
     timings = metadata.get("timings_ms")

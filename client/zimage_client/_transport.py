@@ -18,14 +18,7 @@ from .errors import (
     map_triton_error,
 )
 
-__all__ = ["Transport", "POLL_INITIAL_S", "POLL_MAX_S", "PROBE_MAX_S"]
-
-# Readiness polling starts fast (a server that is already up answers at once) and
-# backs off so a long model load does not turn into a busy loop; one probe never
-# waits longer than PROBE_MAX_S so a hung connection cannot eat the whole wait.
-POLL_INITIAL_S = 0.1
-POLL_MAX_S = 1.0
-PROBE_MAX_S = 5.0
+__all__ = ["Transport"]
 
 
 def _check_timeout(name: str, value: Optional[float], *, allow_none: bool) -> Optional[float]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import time
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from ._calls import Calls
 from ._fanout import ProgressHook, ProgressReporter, build_requests, check_concurrency, collect_results
-from ._tensors import GenerateRequest, parse_result, to_infer_inputs, to_requested_outputs
-from ._transport import POLL_INITIAL_S, POLL_MAX_S, PROBE_MAX_S, Transport
-from .errors import ZImageError, ZImageTimeoutError
+from ._readiness import ReadinessWait, readiness_checks
+from ._tensors import GenerateRequest, parse_result
+from ._transport import Transport
+from .errors import ZImageError
 from .generated_image import GeneratedImage
 
 __all__ = ["AsyncZImageClient"]
@@ -48,6 +49,7 @@ class AsyncZImageClient:
         self._transport = Transport(
             url, protocol, model_name, model_version, init_timeout_s, inference_timeout_s, connection_timeout_s
         )
+        self._calls = Calls(self._transport)
         self._verbose = bool(verbose)
         self._triton: Any = None
         self._ready = self._transport.init_timeout_s is None
@@ -99,46 +101,29 @@ class AsyncZImageClient:
                 self._triton = self._lib().InferenceServerClient(t.endpoint.address, **kwargs)
         return self._triton
 
-    def _grpc_kwargs(self, timeout_s: Optional[float]) -> Dict[str, Any]:
-        return {"client_timeout": timeout_s} if self._transport.is_grpc else {}
-
     async def _probe(self, timeout_s: float) -> Optional[str]:
         t = self._transport
         client = self._client()
         with t.translate_errors("readiness check", timeout_s):
-            # wait_for bounds HTTP probes too, whose session deadline is the long inference one.
-            live = await asyncio.wait_for(client.is_server_live(**self._grpc_kwargs(timeout_s)), timeout_s)
-            if not live:
-                return "server is not live"
-            ready = await asyncio.wait_for(
-                client.is_model_ready(t.model_name, t.model_version, **self._grpc_kwargs(timeout_s)), timeout_s
-            )
-            if not ready:
-                return f"server is live but model {t.model_name!r} is not ready"
+            for check in readiness_checks(t, self._calls, timeout_s):
+                # wait_for bounds HTTP probes too, whose session deadline is the long inference one.
+                if not await asyncio.wait_for(check.start(client), timeout_s):
+                    return check.failure
         return None
 
     async def wait_for_ready(self, timeout_s: float) -> None:
         """Wait until the server is live and the model ready; ``ZImageTimeoutError`` after ``timeout_s``."""
-        timeout_s = float(timeout_s)
-        deadline = time.monotonic() + timeout_s
-        delay = POLL_INITIAL_S
-        reason: Optional[str] = "no answer yet"
+        wait = ReadinessWait(self._transport, timeout_s)
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ZImageTimeoutError(
-                    f"{self.url} model {self.model_name!r} not ready after {timeout_s:g} s: {reason}"
-                )
+            probe_s = wait.next_probe_s()
             try:
-                reason = await self._probe(min(remaining, PROBE_MAX_S))
+                reason = await self._probe(probe_s)
             except ZImageError as exc:
                 reason = str(exc)
             if reason is None:
                 self._ready = True
                 return
-            _LOGGER.debug("waiting for %s: %s", self.url, reason)
-            await asyncio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
-            delay = min(delay * 1.5, POLL_MAX_S)
+            await asyncio.sleep(wait.not_ready(reason))
 
     async def _ensure_ready(self) -> None:
         if self._ready:
@@ -153,32 +138,22 @@ class AsyncZImageClient:
     async def model_config(self) -> Dict[str, Any]:
         """The model's Triton config as a dict (same shape for gRPC and HTTP)."""
         t = self._transport
-        extra = {"as_json": True, "client_timeout": t.inference_timeout_s} if t.is_grpc else {}
         with t.translate_errors("model config", t.inference_timeout_s):
-            config = await self._client().get_model_config(t.model_name, t.model_version, **extra)
-        return config.get("config", config) if t.is_grpc else config
+            config = await self._client().get_model_config(t.model_name, t.model_version, **self._calls.metadata())
+        return self._calls.model_config(config)
 
     async def server_metadata(self) -> Dict[str, Any]:
         """Triton's server metadata (name, version, extensions)."""
         t = self._transport
-        extra = {"as_json": True, "client_timeout": t.inference_timeout_s} if t.is_grpc else {}
         with t.translate_errors("server metadata", t.inference_timeout_s):
-            return await self._client().get_server_metadata(**extra)
+            return await self._client().get_server_metadata(**self._calls.metadata())
 
     async def _infer(self, request: GenerateRequest) -> GeneratedImage:
         t = self._transport
-        lib = self._lib()
         client = self._client()
-        inputs = to_infer_inputs(request.input_arrays(), lib)
-        outputs = to_requested_outputs(request.output_names(), lib)
+        call = self._calls.infer(request, self._lib())
         with t.translate_errors("inference", t.inference_timeout_s):
-            result = await client.infer(
-                t.model_name,
-                inputs,
-                model_version=t.model_version,
-                outputs=outputs,
-                **self._grpc_kwargs(t.inference_timeout_s),
-            )
+            result = await client.infer(**call)
         return parse_result(result, request)
 
     async def generate(

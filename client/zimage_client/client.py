@@ -8,10 +8,12 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from ._calls import Calls
 from ._fanout import ProgressHook, ProgressReporter, build_requests, check_concurrency, collect_results
-from ._tensors import GenerateRequest, parse_result, to_infer_inputs, to_requested_outputs
-from ._transport import POLL_INITIAL_S, POLL_MAX_S, PROBE_MAX_S, Transport
-from .errors import ZImageError, ZImageTimeoutError
+from ._readiness import ReadinessWait, readiness_checks
+from ._tensors import GenerateRequest, parse_result
+from ._transport import Transport
+from .errors import ZImageError
 from .generated_image import GeneratedImage
 
 __all__ = ["ZImageClient"]
@@ -62,6 +64,7 @@ class ZImageClient:
         self._transport = Transport(
             url, protocol, model_name, model_version, init_timeout_s, inference_timeout_s, connection_timeout_s
         )
+        self._calls = Calls(self._transport)
         self._verbose = bool(verbose)
         self._lock = threading.Lock()
         self._ready_lock = threading.Lock()
@@ -151,10 +154,6 @@ class ZImageClient:
             self._http_local.client = client
         return client
 
-    def _grpc_kwargs(self, timeout_s: Optional[float]) -> Dict[str, Any]:
-        # tritonclient.grpc takes its deadline per call; HTTP's is set on the client.
-        return {"client_timeout": timeout_s} if self._transport.is_grpc else {}
-
     # -- readiness --------------------------------------------------------------------
 
     def _probe(self, timeout_s: float) -> Optional[str]:
@@ -168,10 +167,9 @@ class ZImageClient:
             client, owned = self._new_http_client(connection_timeout_s=timeout_s, network_timeout_s=timeout_s), True
         try:
             with t.translate_errors("readiness check", timeout_s):
-                if not client.is_server_live(**self._grpc_kwargs(timeout_s)):
-                    return "server is not live"
-                if not client.is_model_ready(t.model_name, t.model_version, **self._grpc_kwargs(timeout_s)):
-                    return f"server is live but model {t.model_name!r} is not ready"
+                for check in readiness_checks(t, self._calls, timeout_s):
+                    if not check.start(client):
+                        return check.failure
             return None
         finally:
             if owned:
@@ -184,26 +182,17 @@ class ZImageClient:
         passes; connection failures are retried, since a server that is starting
         refuses connections for a while.
         """
-        timeout_s = float(timeout_s)
-        deadline = time.monotonic() + timeout_s
-        delay = POLL_INITIAL_S
-        reason = "no answer yet"
+        wait = ReadinessWait(self._transport, timeout_s)
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ZImageTimeoutError(
-                    f"{self.url} model {self.model_name!r} not ready after {timeout_s:g} s: {reason}"
-                )
+            probe_s = wait.next_probe_s()
             try:
-                reason = self._probe(min(remaining, PROBE_MAX_S))
+                reason = self._probe(probe_s)
             except ZImageError as exc:
                 reason = str(exc)
             if reason is None:
                 self._ready = True
                 return
-            _LOGGER.debug("waiting for %s: %s", self.url, reason)
-            time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
-            delay = min(delay * 1.5, POLL_MAX_S)
+            time.sleep(wait.not_ready(reason))
 
     def _ensure_ready(self) -> None:
         if self._ready:
@@ -219,38 +208,24 @@ class ZImageClient:
         """The model's Triton config as a dict (same shape for gRPC and HTTP)."""
         t = self._transport
         with t.translate_errors("model config", t.inference_timeout_s):
-            config = self._client().get_model_config(
-                t.model_name, t.model_version, **self._json_kwargs(), **self._grpc_kwargs(t.inference_timeout_s)
-            )
-        # gRPC wraps the config in {"config": ...}; HTTP returns it bare.
-        return config.get("config", config) if t.is_grpc else config
+            config = self._client().get_model_config(t.model_name, t.model_version, **self._calls.metadata())
+        return self._calls.model_config(config)
 
     def server_metadata(self) -> Dict[str, Any]:
         """Triton's server metadata (name, version, extensions)."""
         t = self._transport
         with t.translate_errors("server metadata", t.inference_timeout_s):
             client = self._client()
-            return client.get_server_metadata(**self._json_kwargs(), **self._grpc_kwargs(t.inference_timeout_s))
-
-    def _json_kwargs(self) -> Dict[str, Any]:
-        return {"as_json": True} if self._transport.is_grpc else {}
+            return client.get_server_metadata(**self._calls.metadata())
 
     # -- inference --------------------------------------------------------------------
 
     def _infer(self, client: Any, request: GenerateRequest) -> GeneratedImage:
         t = self._transport
-        lib = self._lib()
-        inputs = to_infer_inputs(request.input_arrays(), lib)
-        outputs = to_requested_outputs(request.output_names(), lib)
+        call = self._calls.infer(request, self._lib())
         started = time.perf_counter()
         with t.translate_errors("inference", t.inference_timeout_s):
-            result = client.infer(
-                t.model_name,
-                inputs,
-                model_version=t.model_version,
-                outputs=outputs,
-                **self._grpc_kwargs(t.inference_timeout_s),
-            )
+            result = client.infer(**call)
         image = parse_result(result, request)
         _LOGGER.debug(
             "generated %dx%d %s seed=%d in %.1f ms", image.width, image.height, image.format, image.seed,
@@ -307,7 +282,7 @@ class ZImageClient:
         """Generate one image per prompt, returned in prompt order.
 
         Each prompt is its own request and up to ``concurrency`` are in flight at
-        once, so Triton's dynamic batcher can group them on the GPU.  ``seed`` is
+        once, so every model instance always has a request waiting.  ``seed`` is
         either a base (prompt ``i`` uses ``seed + i``) or one seed per prompt.
 
         ``progress`` is called as ``progress(index, image_or_exception)`` when each

@@ -14,8 +14,10 @@ everything is normalised here into one small hierarchy::
     └── ZImageServerError            server rejected or failed the request (.code, .message)
         ├── InvalidRequestError      INVALID_ARG (fix the request; retrying will not help)
         ├── ServerUnavailableError   UNAVAILABLE (queue full, overloaded, model not ready: retry later)
-        ├── RequestCancelledError    CANCELLED
-        └── ResourceExhaustedError   RESOURCE_EXHAUSTED or out-of-memory
+        │   ├── QueueFullError       Triton's queue was full: refused at once, never queued
+        │   ├── QueueTimeoutError    waited in Triton's queue past its queue timeout, never ran
+        │   └── ResourceExhaustedError  RESOURCE_EXHAUSTED or out-of-memory
+        └── RequestCancelledError    CANCELLED
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ __all__ = [
     "ZImageServerError",
     "InvalidRequestError",
     "ServerUnavailableError",
+    "QueueFullError",
+    "QueueTimeoutError",
     "RequestCancelledError",
     "ResourceExhaustedError",
     "map_triton_error",
@@ -105,6 +109,17 @@ class ServerUnavailableError(ZImageServerError):
     """Transient server condition (queue full, overload, model loading); retry later."""
 
 
+class QueueFullError(ServerUnavailableError):
+    """Triton refused the request at once because the model's queue was full
+    (config.pbtxt ``max_queue_size``). Nothing ran; the server is saturated, so retry
+    after a back-off or on another replica."""
+
+
+class QueueTimeoutError(ServerUnavailableError):
+    """The request waited in Triton's queue longer than its queue timeout (config.pbtxt
+    ``default_timeout_microseconds``) and was refused without running."""
+
+
 class RequestCancelledError(ZImageServerError):
     """The request was cancelled before it completed."""
 
@@ -169,6 +184,10 @@ _HTTP_CODES = {
 _OOM_RE = re.compile(r"out of memory|outofmemory|\boom\b|cudaErrorMemoryAllocation|"
                      r"\bRESOURCE_EXHAUSTED\b", re.IGNORECASE)
 _CANCEL_RE = re.compile(r"\bcancel+(ed|ation)\b", re.IGNORECASE)
+# Triton's scheduler refuses with UNAVAILABLE for both; only the message tells them apart
+# (over gRPC it is prefixed with "[request id: ...]").
+_QUEUE_FULL_RE = re.compile(r"\bExceeds maximum queue size\b")
+_QUEUE_TIMEOUT_RE = re.compile(r"\bRequest timeout expired\b")
 _DEADLINE_RE = re.compile(r"deadline exceeded", re.IGNORECASE)
 # gRPC reports "could not connect" as UNAVAILABLE, the same code Triton uses for
 # "queue full"; only the message tells a dead server from a busy one.
@@ -241,6 +260,11 @@ def map_triton_error(exc: Any) -> ZImageError:
         code = "RESOURCE_EXHAUSTED"
 
     cls = _CLASS_FOR_CODE.get(code, ZImageServerError)
+    if code == "UNAVAILABLE":
+        if _QUEUE_FULL_RE.search(message):
+            cls = QueueFullError
+        elif _QUEUE_TIMEOUT_RE.search(message):
+            cls = QueueTimeoutError
     return cls(message, code, status=status)
 
 

@@ -38,6 +38,8 @@ from zimage_client import (
     AsyncZImageClient,
     GeneratedImage,
     InvalidRequestError,
+    QueueFullError,
+    QueueTimeoutError,
     RequestCancelledError,
     ResourceExhaustedError,
     ServerUnavailableError,
@@ -120,6 +122,8 @@ def fake_zimage(inputs, requested):
     prompt = inputs["PROMPT"][0, 0].decode("utf-8")
     if prompt == "__unavailable__":
         raise FakeFailure(grpc.StatusCode.UNAVAILABLE, 503, "Exceeds maximum queue size")
+    if prompt == "__queue_timeout__":
+        raise FakeFailure(grpc.StatusCode.UNAVAILABLE, 503, "Request timeout expired")
     if prompt == "__oom__":
         raise FakeFailure(grpc.StatusCode.INTERNAL, 500, "CUDA out of memory. Tried to allocate 2.00 GiB")
     if prompt == "__slow__":
@@ -587,7 +591,15 @@ _EXHAUSTED = "RESOURCE_EXHAUSTED"
     "status, message, cls, code",
     [
         ("StatusCode.INVALID_ARGUMENT", _HEIGHT_ERROR, InvalidRequestError, "INVALID_ARG"),
-        ("StatusCode.UNAVAILABLE", "Exceeds maximum queue size", ServerUnavailableError, "UNAVAILABLE"),
+        # Triton's scheduler refusals, as tritonserver 2.51 words them (tests/e2e/test_soak.py).
+        ("StatusCode.UNAVAILABLE", "[request id: <id_unknown>] Exceeds maximum queue size", QueueFullError,
+         "UNAVAILABLE"),
+        ("503", "[request id: <id_unknown>] Exceeds maximum queue size", QueueFullError, "UNAVAILABLE"),
+        ("StatusCode.UNAVAILABLE", "Request timeout expired", QueueTimeoutError, "UNAVAILABLE"),
+        ("503", "Request timeout expired", QueueTimeoutError, "UNAVAILABLE"),
+        # The words alone are not enough: an INVALID_ARG that quotes them stays one.
+        ("StatusCode.INVALID_ARGUMENT", "PROMPT: 'Exceeds maximum queue size' is fine", InvalidRequestError,
+         "INVALID_ARG"),
         # Our server's out-of-memory answer: Triton has no RESOURCE_EXHAUSTED code.
         ("StatusCode.UNAVAILABLE", "RESOURCE_EXHAUSTED: out of device memory generating 3072x3072 with 1 "
          "steps; memory was released, retry smaller or later", ResourceExhaustedError, _EXHAUSTED),
@@ -651,6 +663,10 @@ def test_transport_errors():
 def test_error_hierarchy():
     for cls in (InvalidRequestError, ServerUnavailableError, RequestCancelledError, ResourceExhaustedError):
         assert issubclass(cls, ZImageServerError)
+    # Queue refusals are "unavailable, retry" too, so existing retry code keeps catching them.
+    for cls in (QueueFullError, QueueTimeoutError):
+        assert issubclass(cls, ServerUnavailableError)
+    assert not issubclass(QueueFullError, QueueTimeoutError) and not issubclass(QueueTimeoutError, QueueFullError)
     # Out of memory is a kind of "unavailable, retry": callers catching that still catch it.
     assert issubclass(ResourceExhaustedError, ServerUnavailableError)
     for cls in (ZImageServerError, ZImageConnectionError, ZImageTimeoutError, ZImageResponseError):
@@ -776,6 +792,23 @@ def test_async_wait_for_ready_times_out(silent_port):
         assert time.monotonic() - started < 1.5
 
 
+def test_both_clients_wait_for_an_unready_model_alike(server_url):
+    """The fake server is live but has no model 'other': both clients poll until their wait is
+    over, then name the last reason."""
+    expected = f"{server_url} model 'other' not ready after 0.4 s: server is live but model 'other' is not ready"
+
+    async def run():
+        async with AsyncZImageClient(server_url, model_name="other") as client:
+            await client.wait_for_ready(0.4)
+
+    with ZImageClient(server_url, model_name="other") as client:
+        with pytest.raises(ZImageTimeoutError) as sync_info:
+            client.wait_for_ready(0.4)
+    with pytest.raises(ZImageTimeoutError) as async_info:
+        asyncio.run(run())
+    assert str(sync_info.value) == str(async_info.value) == expected
+
+
 def test_init_timeout_makes_first_call_wait_then_time_out():
     with ZImageClient(f"127.0.0.1:{_free_port()}", "grpc", init_timeout_s=0.4) as client:
         started = time.monotonic()
@@ -838,7 +871,8 @@ def test_generate_raw(server_url):
     [
         ("x", {"height": 100}, InvalidRequestError,
          "HEIGHT: 100 is not allowed; must be a multiple of 16 in [16, 2048]"),
-        ("__unavailable__", {}, ServerUnavailableError, "Exceeds maximum queue size"),
+        ("__unavailable__", {}, QueueFullError, "Exceeds maximum queue size"),
+        ("__queue_timeout__", {}, QueueTimeoutError, "Request timeout expired"),
         ("__oom__", {}, ResourceExhaustedError, "CUDA out of memory. Tried to allocate 2.00 GiB"),
     ],
 )
@@ -846,6 +880,7 @@ def test_server_errors_are_typed_with_verbatim_message(server_url, prompt, kwarg
     with ZImageClient(server_url) as client:
         with pytest.raises(cls) as info:
             client.generate(prompt, **kwargs)
+    assert type(info.value) is cls
     assert info.value.message == message
     assert info.value.index is None
 
