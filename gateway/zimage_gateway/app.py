@@ -90,7 +90,7 @@ async def _read_json(request: Request, limit: int) -> Any:
             raise too_large
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         raise ApiError(400, "the request body is not valid JSON", code="invalid_json", headers=NO_RETRY) from None
 
 

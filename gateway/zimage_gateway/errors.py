@@ -20,7 +20,7 @@ from zimage_client import (
     ZImageTimeoutError,
 )
 
-__all__ = ["ApiError", "from_client_error", "NO_RETRY"]
+__all__ = ["ApiError", "invalid", "from_client_error", "NO_RETRY"]
 
 # The SDKs retry 408, 409, 429 and 5xx unless the answer says otherwise; an answer that will not
 # change on a retry says so.

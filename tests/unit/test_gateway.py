@@ -10,13 +10,17 @@ import tomllib
 
 import pytest
 import yaml
+from fastapi.testclient import TestClient
 
 from tests.conftest import ROOT
+from zimage_gateway import GatewaySettings, create_app
 from zimage_gateway import settings as gateway_settings
 from zimage_gateway.auth import ApiKeys, load_keys
 from zimage_gateway.errors import ApiError, from_client_error
 from zimage_gateway.limits import KeyLimiter
+from zimage_gateway.metrics import GatewayMetrics
 from zimage_gateway.params import parse_generation
+from zimage_gateway.pool import ServerPool
 from zimage_client import InvalidRequestError, ServerUnavailableError, ZImageConnectionError
 
 MODEL = "Tongyi-MAI/Z-Image-Turbo"
@@ -178,3 +182,72 @@ def test_compose_gateway_talks_grpc_to_the_zimage_service(monkeypatch):
     assert f"{port}:{port}" in [p.split()[0].strip('"') for p in COMPOSE["services"][host]["ports"]]
     assert service["ports"] == [f"{settings.port}:{settings.port}"]
     assert f"EXPOSE {settings.port}" in GATEWAY_DOCKERFILE
+
+
+# ---------------------------------------------------------------------- servers and app
+
+
+def pool_with(outcomes_by_server):
+    """A ServerPool whose clients answer from lists: an exception is raised, anything else returned."""
+    metrics = GatewayMetrics()
+    pool = ServerPool([f"grpc://s{i}:8001" for i in range(len(outcomes_by_server))], model_name="zimage",
+                      inference_timeout_s=10, retries=2, retry_backoff_s=0.01, metrics=metrics)
+    calls = []
+    for index, (server, outcomes) in enumerate(zip(pool._servers, outcomes_by_server)):
+        async def generate(prompt, *, seed, _outcomes=outcomes, _index=index, **kwargs):
+            calls.append((_index, seed))
+            outcome = _outcomes.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+        server.client.generate = generate
+    return pool, metrics, calls
+
+
+def test_unavailable_is_retried_on_another_server():
+    busy = ServerUnavailableError("Exceeds maximum queue size", "UNAVAILABLE")
+    pool, metrics, calls = pool_with([[busy], ["image from s1"]])
+    request = parse(seed=5)
+    assert asyncio.run(pool.generate(request)) == ["image from s1"]
+    assert calls == [(0, 5), (1, 5)]
+    assert metrics.retries.labels("server-0")._value.get() == 1
+
+
+def test_invalid_requests_are_not_retried_and_retries_are_bounded():
+    bad = InvalidRequestError("HEIGHT: 100 is not allowed", "INVALID_ARG")
+    pool, _, calls = pool_with([[bad], ["unused"]])
+    with pytest.raises(InvalidRequestError):
+        asyncio.run(pool.generate(parse()))
+    assert len(calls) == 1
+    busy = [ServerUnavailableError("busy", "UNAVAILABLE") for _ in range(3)]
+    pool, _, calls = pool_with([busy[:2], busy[2:]])
+    with pytest.raises(ServerUnavailableError):
+        asyncio.run(pool.generate(parse()))
+    assert len(calls) == 3  # the first try and --retries 2
+
+
+def test_cors_is_off_unless_an_origin_is_given():
+    preflight = {"origin": "https://app.example", "access-control-request-method": "POST",
+                 "access-control-request-headers": "authorization"}
+    closed = TestClient(create_app(GatewaySettings(servers=("grpc://s:8001",), api_keys=(KEY,))))
+    assert "access-control-allow-origin" not in closed.options("/v1/images/generations", headers=preflight).headers
+    assert "access-control-allow-origin" not in closed.get("/health/live", headers={"origin": "https://app.example"}).headers
+    opened = TestClient(create_app(GatewaySettings(servers=("grpc://s:8001",), api_keys=(KEY,),
+                                                   cors_origins=("https://app.example",))))
+    answer = opened.options("/v1/images/generations", headers=preflight)
+    assert answer.headers["access-control-allow-origin"] == "https://app.example"
+    other = opened.options("/v1/images/generations", headers={**preflight, "origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_pages_errors_and_hostile_bodies():
+    client = TestClient(create_app(GatewaySettings(servers=("grpc://s:8001",), api_keys=(KEY,))))
+    page = client.get("/")
+    assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+    assert 'src="playground.js"' in page.text and client.get("/playground.js").status_code == 200
+    missing = client.get("/../config.yaml")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    auth = {"authorization": f"Bearer {KEY}"}
+    for body in (b"{", b"[" * 40000 + b"]" * 40000):
+        answer = client.post("/v1/images/generations", content=body[:60000], headers=auth)
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json", answer.text
