@@ -22,4 +22,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # One process, one event loop: the per-key limits and the servers' in-flight counts are its
     # state; scale out with more gateway replicas, each with its share of the limits.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=30)
+                timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=30)

@@ -35,6 +35,8 @@ class GatewaySettings:
     retry_backoff_s: float = 0.2
     inference_timeout_s: float = 300.0
     ready_timeout_s: float = 2.0
+    # uvicorn's default of 5 s closes an SDK's pooled connection between two images.
+    keep_alive_s: int = 75
     cors_origins: Tuple[str, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8080
@@ -45,7 +47,7 @@ class GatewaySettings:
         if not self.api_keys and not self.allow_anonymous:
             raise ValueError(f"no API keys: give --api-key-file or ${KEYS_ENV}, or --allow-anonymous "
                              f"for a gateway that only trusted clients can reach")
-        for name in ("max_n", "max_body_bytes", "max_concurrent_per_key"):
+        for name in ("max_n", "max_body_bytes", "max_concurrent_per_key", "keep_alive_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_waiting_per_key", "retries"):
@@ -100,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     add("retry-backoff-s", float, "wait before the first retry, doubled each time")
     add("inference-timeout-s", float, "gRPC deadline per image (the server stops at it)")
     add("ready-timeout-s", float, "how long /health/ready waits for each server")
+    add("keep-alive-s", int, "how long an idle HTTP connection stays open")
     add("host", help="address to listen on")
     add("port", int, "port to listen on")
     return p

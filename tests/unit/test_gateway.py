@@ -4,6 +4,9 @@ and its Docker image and compose service (which cannot be built here)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
+import json
 import os
 import re
 import tomllib
@@ -11,9 +14,11 @@ import tomllib
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from tests.conftest import ROOT
 from zimage_gateway import GatewaySettings, create_app
+from zimage_gateway.app import images_body
 from zimage_gateway import settings as gateway_settings
 from zimage_gateway.auth import ApiKeys, load_keys
 from zimage_gateway.errors import ApiError, from_client_error
@@ -21,7 +26,7 @@ from zimage_gateway.limits import KeyLimiter
 from zimage_gateway.metrics import GatewayMetrics
 from zimage_gateway.params import parse_generation
 from zimage_gateway.pool import ServerPool
-from zimage_client import InvalidRequestError, ServerUnavailableError, ZImageConnectionError
+from zimage_client import GeneratedImage, InvalidRequestError, ServerUnavailableError, ZImageConnectionError
 
 MODEL = "Tongyi-MAI/Z-Image-Turbo"
 KEY = "k" * 20
@@ -251,3 +256,18 @@ def test_pages_errors_and_hostile_bodies():
     for body in (b"{", b"[" * 40000 + b"]" * 40000):
         answer = client.post("/v1/images/generations", content=body[:60000], headers=auth)
         assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json", answer.text
+
+
+def test_answer_body_is_the_json_of_the_images():
+    pictures = []
+    for seed, colour in ((1, "red"), (2, "blue")):
+        buffer = io.BytesIO()
+        Image.new("RGB", (80, 64), colour).save(buffer, format="PNG")
+        data = buffer.getvalue()
+        pictures.append(GeneratedImage(Image.open(io.BytesIO(data)), data, None, seed, "png",
+                                       {"denoise": 1.5, "note": 'a "quoted"\nline'}, {}))
+    answer = json.loads(images_body(pictures, "png"))
+    assert answer.pop("created") > 0
+    assert answer == {"output_format": "png", "size": "80x64", "background": "opaque", "data": [
+        {"b64_json": base64.b64encode(p.data).decode(), "seed": p.seed, "timings_ms": p.timings_ms}
+        for p in pictures]}
