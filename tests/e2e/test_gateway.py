@@ -184,6 +184,24 @@ def test_body_limit_is_413(gateway):
     with pytest.raises(openai.APIStatusError) as raised:
         sdk(gateway).images.generate(prompt="x" * 70_000, size="64x64")
     assert raised.value.status_code == 413 and "larger than 65536 bytes" in raised.value.message
+    # Without a Content-Length the gateway counts what arrives.
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=60)
+    chunks = (b'{"prompt": "' + b"x" * 8192 if i == 0 else b"x" * 8192 for i in range(9))
+    connection.request("POST", "/v1/images/generations", chunks, {"authorization": f"Bearer {KEYS[0]}"},
+                       encode_chunked=True)
+    response = connection.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
+    connection.close()
+
+
+def test_the_grpc_deadline_is_504(server, tmp_path):
+    with GatewayProcess([f"grpc://{server.grpc_url}"], tmp_path, "--inference-timeout-s=1") as gateway:
+        started = time.perf_counter()
+        with pytest.raises(openai.InternalServerError) as raised:
+            sdk(gateway).images.generate(prompt="too slow", size=f"{SLOW_SIZE}x{SLOW_SIZE}",
+                                         extra_body={"num_inference_steps": SLOW_STEPS})
+        assert raised.value.status_code == 504 and raised.value.code == "timeout"
+        assert time.perf_counter() - started < 10
 
 
 def test_edits_are_refused_until_image_inputs_land(gateway):
