@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from zimage_client import GeneratedImage, ZImageError
 
 from .auth import ApiKeys
-from .errors import NO_RETRY, ApiError, from_client_error
+from .errors import ApiError, from_client_error
 from .limits import KeyLimiter
 from .metrics import GatewayMetrics
 from .params import ImageRequest, parse_generation
@@ -78,8 +78,7 @@ async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
 
 
 async def _read_json(request: Request, limit: int) -> Any:
-    too_large = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large",
-                         headers=NO_RETRY)
+    too_large = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise too_large
@@ -91,7 +90,7 @@ async def _read_json(request: Request, limit: int) -> Any:
     try:
         return json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
-        raise ApiError(400, "the request body is not valid JSON", code="invalid_json", headers=NO_RETRY) from None
+        raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
 
 
 def images_body(images: List[GeneratedImage], output_format: str) -> bytes:
@@ -137,7 +136,7 @@ def create_app(settings: GatewaySettings, pool: Optional[ServerPool] = None) -> 
         if key is None:
             metrics.rejected.labels("unauthenticated").inc()
             raise ApiError(401, "missing or unknown API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key", headers={"www-authenticate": "Bearer", **NO_RETRY})
+                           code="invalid_api_key", headers={"www-authenticate": "Bearer"})
         return key
 
     async def answer(route: str, handler: Callable[[], Awaitable[Response]]) -> Response:
@@ -196,7 +195,7 @@ def create_app(settings: GatewaySettings, pool: Optional[ServerPool] = None) -> 
         async def handle() -> Response:
             authenticate(request)
             raise ApiError(501, f"{request.url.path} is not served yet: the servers take no image inputs",
-                           code="unsupported_endpoint", headers=NO_RETRY)
+                           code="unsupported_endpoint")
         return await answer("image_inputs", handle)
 
     def model_entry() -> Dict[str, Any]:
@@ -215,7 +214,7 @@ def create_app(settings: GatewaySettings, pool: Optional[ServerPool] = None) -> 
             authenticate(request)
             if model != settings.model_id:
                 raise ApiError(404, f"model: {model!r} is not served; available: {settings.model_id!r}",
-                               param="model", code="model_not_found", headers=NO_RETRY)
+                               param="model", code="model_not_found")
             return JSONResponse(model_entry())
         return await answer("models", handle)
 

@@ -20,11 +20,12 @@ from zimage_client import (
     ZImageTimeoutError,
 )
 
-__all__ = ["ApiError", "invalid", "from_client_error", "NO_RETRY"]
+__all__ = ["ApiError", "invalid", "from_client_error"]
 
 # The SDKs retry 408, 409, 429 and 5xx unless the answer says otherwise; an answer that will not
 # change on a retry says so.
 NO_RETRY = {"x-should-retry": "false"}
+_FINAL_STATUSES = frozenset({400, 401, 403, 404, 405, 413, 501})
 
 # The server names its tensors; the API caller wrote these fields.
 _PARAM_OF_INPUT = {
@@ -59,7 +60,7 @@ class ApiError(Exception):
         self.type = type
         self.param = param
         self.code = code
-        self.headers = dict(headers or {})
+        self.headers = {**(NO_RETRY if status in _FINAL_STATUSES else {}), **(headers or {})}
 
     def body(self) -> Dict[str, Dict[str, Optional[str]]]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -67,7 +68,7 @@ class ApiError(Exception):
 
 def invalid(param: str, message: str) -> ApiError:
     """A 400 for one field of the request; ``message`` says the value and what is allowed."""
-    return ApiError(400, f"{param}: {message}", param=param, code="invalid_value", headers=NO_RETRY)
+    return ApiError(400, f"{param}: {message}", param=param, code="invalid_value")
 
 
 def _param_of(message: str) -> Optional[str]:
@@ -87,7 +88,7 @@ def from_client_error(exc: ZImageError) -> ApiError:
     if isinstance(exc, InvalidRequestError):
         param = _param_of(exc.message)
         message = f"{param}: {exc.message}" if param else exc.message
-        return ApiError(400, message, param=param, code="invalid_value", headers=NO_RETRY)
+        return ApiError(400, message, param=param, code="invalid_value")
     if isinstance(exc, ServerUnavailableError):
         code = "resource_exhausted" if "RESOURCE_EXHAUSTED" in exc.message else "server_busy"
         return ApiError(503, f"the image servers are busy: {exc.message}", type="server_error", code=code,

@@ -175,7 +175,7 @@ def test_authentication(gateway):
     for headers in ({}, {"authorization": f"Basic {KEYS[0]}"}, {"authorization": "Bearer "}):
         status, answer_headers, body = raw(gateway, "POST", "/v1/images/generations",
                                            {"prompt": "a fox", "size": "64x64"}, **headers)
-        assert (status, answer_headers["www-authenticate"]) == (401, "Bearer")
+        assert (status, answer_headers["www-authenticate"], answer_headers["x-should-retry"]) == (401, "Bearer", "false")
         assert body["error"]["code"] == "invalid_api_key" and KEYS[0] not in json.dumps(body)
     assert sdk(gateway, KEYS[1]).models.list().data[0].id == MODEL_ID
 

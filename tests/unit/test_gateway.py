@@ -68,6 +68,7 @@ def test_refused_fields_are_named(fields, param):
         parse(**fields)
     assert raised.value.status == 400 and raised.value.param == param
     assert raised.value.message.startswith(f"{param}:") or param in raised.value.message
+    assert raised.value.headers["x-should-retry"] == "false"  # the SDKs would not change it by retrying
 
 
 def test_body_must_be_an_object():
@@ -81,7 +82,7 @@ def test_server_errors_map_to_statuses_and_fields():
     triton = from_client_error(InvalidRequestError("inference input 'SEED' data-type is 'FP32'", "INVALID_ARG"))
     assert triton.param == "seed"
     busy = from_client_error(ServerUnavailableError("Exceeds maximum queue size", "UNAVAILABLE"))
-    assert (busy.status, busy.headers["retry-after"]) == (503, "1")
+    assert (busy.status, busy.headers["retry-after"]) == (503, "1") and "x-should-retry" not in busy.headers
     gone = from_client_error(ZImageConnectionError("cannot reach grpc://10.1.2.3:8001: refused"))
     assert gone.status == 503 and "10.1.2.3" not in gone.message
 
