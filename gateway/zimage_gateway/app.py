@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from importlib import resources
-from typing import Any, Awaitable, Callable, Dict, List, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -162,11 +162,15 @@ def create_app(settings: GatewaySettings, pool: Optional[ServerPool] = None) -> 
     async def generate(request: Request, key: str, params: ImageRequest) -> Response:
         started = time.perf_counter()
         outcome = "error"
-        try:
+
+        async def admitted() -> Tuple[List[GeneratedImage], float]:
             async with limiter.slot(key):
                 upstream_started = time.perf_counter()
-                images: List[GeneratedImage] = await _unless_client_leaves(request, pool.generate(params))
-                upstream_ms = 1000 * (time.perf_counter() - upstream_started)
+                return await pool.generate(params), 1000 * (time.perf_counter() - upstream_started)
+
+        try:
+            # A client that leaves while waiting for a slot gives its waiting place back at once.
+            images, upstream_ms = await _unless_client_leaves(request, admitted())
             outcome = "ok"
         except _ClientLeft:
             outcome = "client left, gRPC calls cancelled"

@@ -268,7 +268,12 @@ def test_per_key_limit_and_bounded_wait_answer_429(server, tmp_path):
             other = threading.Thread(target=attempt, args=("other key", KEYS[1]))
             other.start()
             waiting.join(10)
-            time.sleep(0.5)
+            # A waiter that disconnects gives its waiting place back at once, not after its wait.
+            leaver = SlowRequest(gateway)
+            time.sleep(0.3)
+            leaver.drop()
+            time.sleep(0.3)
+            attempt("after a waiter left", KEYS[0])
         finally:
             slow.drop()
         other.join(60)
@@ -276,9 +281,11 @@ def test_per_key_limit_and_bounded_wait_answer_429(server, tmp_path):
         assert isinstance(full, openai.RateLimitError) and "1 waiting already" in full.message, full
         assert isinstance(waited, openai.RateLimitError) and "within 1 s" in waited.message, waited
         assert full.response.headers["retry-after"] == "1"
+        after = outcomes["after a waiter left"]
+        assert isinstance(after, openai.RateLimitError) and "within 1 s" in after.message, after
         # The other key had its own slots: it waited for the server, not for a gateway slot.
         assert not isinstance(outcomes["other key"], BaseException), outcomes["other key"]
-        assert gateway_metric(gateway, "zimage_gateway_rejected_total", reason="rate_limited") == 2
+        assert gateway_metric(gateway, "zimage_gateway_rejected_total", reason="rate_limited") == 3
 
 
 def test_client_disconnect_cancels_the_generation_on_the_server(gateway, server, tally):
