@@ -16,6 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	@dpkg -s libb64-0d >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d) \
 	  || echo "install Debian's libb64-0d for perf_analyzer"; }
+	@# The playground's browser test drives Debian's chromium through chromium-driver.
+	@dpkg -s chromium chromium-driver >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+	  || echo "install Debian's chromium and chromium-driver for the playground test"; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(if $(TORCH),$(BIN)/pip install -q $(TORCH))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import CONFIG, ROOT
+from tests.e2e.gateway_process import GatewayProcess
 from tests.e2e.helpers import Tally
 from zimage_backend.triton_process import TritonServer
 from zimage_client import ZImageClient
@@ -49,3 +50,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_sep("-", "requests sent by the robustness tests")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def gateway(server, tmp_path_factory):
+    """zimage-gateway in front of `server`, listed twice so that n images have two servers to
+    spread over; API keys gateway_process.KEYS."""
+    url = f"grpc://{server.grpc_url}"
+    with GatewayProcess([url, url], tmp_path_factory.mktemp("gateway")) as running:
+        yield running

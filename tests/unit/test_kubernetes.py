@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from typing import Any
 
@@ -18,6 +19,7 @@ import yaml
 from kubernetes_validate import utils as kv
 
 from zimage_backend.settings import parse_settings
+from zimage_gateway import settings as gateway_settings
 
 from tests.conftest import ROOT
 
@@ -32,6 +34,7 @@ K8S_VERSIONS = ("1.30", kv.latest_version())
 EXPECTED_FILES = {
     "kustomization.yaml", "deployment.yaml", "configmap.yaml", "service.yaml", "hpa.yaml",
     "prometheus-adapter-rules.yaml", "servicemonitor.yaml", "pdb.yaml", "README.md",
+    "gateway-deployment.yaml", "gateway-service.yaml",
 }
 
 SERVICEMONITOR = ("monitoring.coreos.com/v1", "ServiceMonitor")
@@ -75,6 +78,15 @@ def _named(kind: str, name: str) -> dict[str, Any]:
     found = [doc for doc in _objects(kind) if doc["metadata"]["name"] == name]
     assert len(found) == 1, f"expected one {kind} named {name!r}, found {len(found)}"
     return found[0]
+
+
+def _triton() -> dict[str, Any]:
+    return _named("Deployment", "zimage-triton")
+
+
+def _servers_services() -> list[dict[str, Any]]:
+    """The Triton server's Services (the gateway has its own)."""
+    return [s for s in _objects("Service") if s["metadata"]["labels"]["app.kubernetes.io/name"] == "zimage-triton"]
 
 
 def _kustomization() -> dict[str, Any]:
@@ -322,7 +334,7 @@ CONTAINER = ("spec", "template", "spec", "containers", 0)
         "limits-as-list", "grace-period-as-string"])
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_broken_deployment_is_rejected(mutate, version):
-    broken = copy.deepcopy(_one("Deployment"))
+    broken = copy.deepcopy(_triton())
     mutate(broken)
     with pytest.raises(kv.ValidationError):
         validate_manifest(broken, version)
@@ -377,7 +389,7 @@ def test_kustomization_lists_every_manifest():
 
 def test_kustomization_can_override_the_image():
     # kustomize matches `images[].name` against the image without its tag.
-    name, _, tag = _container(_one("Deployment"))["image"].partition(":")
+    name, _, tag = _container(_triton())["image"].partition(":")
     assert (name, tag) == ("zimage-triton", "latest")
     assert name in {entry["name"] for entry in _kustomization()["images"]}
 
@@ -389,7 +401,7 @@ def test_manifests_pin_no_namespace():
 
 def test_ports_match_the_dockerfile_and_the_services():
     assert dockerfile_exposed_ports() == {8000, 8001, 8002}
-    assert port_problems(_one("Deployment"), _objects("Service"), dockerfile_exposed_ports()) == []
+    assert port_problems(_triton(), _servers_services(), dockerfile_exposed_ports()) == []
     service = _named("Service", "zimage-triton")
     assert service["spec"]["type"] == "ClusterIP"
     ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
@@ -397,17 +409,17 @@ def test_ports_match_the_dockerfile_and_the_services():
 
 
 def test_port_check_catches_a_mismatch():
-    broken = copy.deepcopy(_one("Deployment"))
+    broken = copy.deepcopy(_triton())
     _container(broken)["ports"][1]["containerPort"] = 9001
-    assert port_problems(broken, _objects("Service"), dockerfile_exposed_ports())
-    services = copy.deepcopy(_objects("Service"))
+    assert port_problems(broken, _servers_services(), dockerfile_exposed_ports())
+    services = copy.deepcopy(_servers_services())
     services[0]["spec"]["ports"][0]["targetPort"] = "htpp"
-    assert port_problems(_one("Deployment"), services, dockerfile_exposed_ports())
+    assert port_problems(_triton(), services, dockerfile_exposed_ports())
 
 
 def test_probes_use_tritons_health_endpoints():
-    assert probe_problems(_one("Deployment")) == []
-    broken = copy.deepcopy(_one("Deployment"))
+    assert probe_problems(_triton()) == []
+    broken = copy.deepcopy(_triton())
     _container(broken)["readinessProbe"]["httpGet"]["path"] = "/healthz"
     _container(broken)["livenessProbe"]["httpGet"]["port"] = 8002
     assert len(probe_problems(broken)) == 2
@@ -415,14 +427,14 @@ def test_probes_use_tritons_health_endpoints():
 
 def test_command_is_the_image_entrypoint_with_a_longer_ready_timeout():
     entrypoint = dockerfile_entrypoint()
-    command = _container(_one("Deployment"))["command"]
+    command = _container(_triton())["command"]
     at = command.index("--ready-timeout-s")
     assert command[:at] + command[at + 2:] == entrypoint
-    assert "args" not in _container(_one("Deployment"))
+    assert "args" not in _container(_triton())
 
 
 def test_startup_covers_download_and_compile():
-    deployment = _one("Deployment")
+    deployment = _triton()
     container = _container(deployment)
     budget = _startup_budget_s(container)
     ready_timeout = float(_option(container["command"], "--ready-timeout-s"))
@@ -434,7 +446,7 @@ def test_startup_covers_download_and_compile():
 
 
 def test_graceful_stop_fits_the_termination_grace_period():
-    deployment = _one("Deployment")
+    deployment = _triton()
     exit_timeout = int(_option(dockerfile_entrypoint(), "--exit-timeout-secs"))
     pre_stop = _container(deployment)["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
@@ -443,7 +455,7 @@ def test_graceful_stop_fits_the_termination_grace_period():
 
 
 def test_volumes_config_models_and_shared_memory():
-    deployment = _one("Deployment")
+    deployment = _triton()
     container = _container(deployment)
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
@@ -465,7 +477,7 @@ def test_volumes_config_models_and_shared_memory():
 
 
 def test_resources_gpu_and_host_memory():
-    resources = _container(_one("Deployment"))["resources"]
+    resources = _container(_triton())["resources"]
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] >= 1
     # The pipeline (6B transformer + 4B text encoder, ~21 GB in bf16) passes through host memory.
     assert _quantity_bytes(resources["requests"]["memory"]) >= 24 * 2**30
@@ -473,8 +485,8 @@ def test_resources_gpu_and_host_memory():
 
 
 def test_security_context_has_no_privilege():
-    pod = _one("Deployment")["spec"]["template"]["spec"]
-    container = _container(_one("Deployment"))
+    pod = _triton()["spec"]["template"]["spec"]
+    container = _container(_triton())
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
     context = container["securityContext"]
@@ -485,10 +497,10 @@ def test_security_context_has_no_privilege():
 
 
 def test_selectors_reach_the_pods():
-    deployment = _one("Deployment")
+    deployment = _triton()
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert _matches(deployment["spec"]["selector"]["matchLabels"], pod_labels)
-    for service in _objects("Service"):
+    for service in _servers_services():
         assert _matches(service["spec"]["selector"], pod_labels), service["metadata"]["name"]
     assert _matches(_one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod_labels)
 
@@ -512,7 +524,7 @@ def test_configmap_is_a_valid_config_for_real_weights():
 
 def test_hpa_scales_the_deployment_on_the_adapters_metric():
     hpa = _one("HorizontalPodAutoscaler")
-    deployment = _one("Deployment")
+    deployment = _triton()
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["apiVersion"], target["kind"], target["name"]) == (
         deployment["apiVersion"], "Deployment", deployment["metadata"]["name"])
@@ -545,3 +557,77 @@ def test_adapter_rule_reads_tritons_queue_gauge_per_pod():
     assert f'model="{MODEL}"' in query
     # A gauge: rate() of it would be meaningless.
     assert "rate(" not in query
+
+
+# --- the gateway -----------------------------------------------------------------------------
+
+GATEWAY_DOCKERFILE = ROOT / "docker" / "gateway.Dockerfile"
+
+
+def _gateway() -> dict[str, Any]:
+    return _named("Deployment", "zimage-gateway")
+
+
+def _gateway_settings(command: list[str], tmp_path):
+    """The gateway's own parser on the Deployment's command, the key file moved into tmp_path."""
+    key_file = _option(command, "--api-key-file")
+    local = tmp_path / "keys"
+    local.write_text("a-key-for-the-manifest-test\n")
+    argv = [str(local) if a == key_file else a for a in command[1:]]
+    return gateway_settings.parse_args(argv), key_file
+
+
+def test_gateway_command_is_the_image_entrypoint_with_servers_and_keys(tmp_path, monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(gateway_settings.ENV_PREFIX):
+            monkeypatch.delenv(name)
+    container = _container(_gateway())
+    command = container["command"]
+    entrypoint = json.loads(re.search(r"ENTRYPOINT (\[.*?\])", GATEWAY_DOCKERFILE.read_text(), re.S).group(1))
+    assert command[:len(entrypoint)] == entrypoint and command[0] == "zimage-gateway"
+    settings, key_file = _gateway_settings(command, tmp_path)
+    assert settings.host == "0.0.0.0" and not settings.allow_anonymous
+    assert settings.api_keys == ("a-key-for-the-manifest-test",)
+    # Its servers are the Triton Service's gRPC port.
+    grpc = {p["name"]: p["port"] for p in _named("Service", "zimage-triton")["spec"]["ports"]}["grpc"]
+    assert settings.servers == (f"grpc://zimage-triton:{grpc}",)
+    # The keys are a read-only Secret volume, readable by the pod's group only.
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    mount = mounts[key_file.rsplit("/", 1)[0]]
+    volumes = {v["name"]: v for v in _gateway()["spec"]["template"]["spec"]["volumes"]}
+    secret = volumes[mount["name"]]["secret"]
+    assert mount["readOnly"] is True and secret["defaultMode"] == 0o440
+    assert _gateway()["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == 10001
+    assert "optional" not in secret  # no keys, no gateway: it does not start open
+
+
+def test_gateway_ports_probes_and_service(tmp_path):
+    deployment = _gateway()
+    container = _container(deployment)
+    exposed = {int(p) for p in re.search(r"^EXPOSE (.+)$", GATEWAY_DOCKERFILE.read_text(), re.M).group(1).split()}
+    services = [_named("Service", "zimage-gateway")]
+    assert port_problems(deployment, services, exposed) == []
+    assert int(_option(container["command"], "--port")) == container["ports"][0]["containerPort"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
+    assert _matches(services[0]["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
+    # Neither side's Services reach the other side's pods.
+    assert not _matches(services[0]["spec"]["selector"], _triton()["spec"]["template"]["metadata"]["labels"])
+    for service in _servers_services():
+        assert not _matches(service["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
+
+
+def test_gateway_runs_unprivileged_on_a_read_only_root():
+    pod = _gateway()["spec"]["template"]["spec"]
+    context = _container(_gateway())["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"] and context.get("privileged") is False
+    assert "nvidia.com/gpu" not in str(_container(_gateway())["resources"])
+
+
+def test_gateway_image_can_be_overridden():
+    name, _, tag = _container(_gateway())["image"].partition(":")
+    assert (name, tag) == ("zimage-gateway", "latest")
+    assert name in {entry["name"] for entry in _kustomization()["images"]}
+
