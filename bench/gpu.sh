@@ -17,6 +17,8 @@
 #   qkcheck   the qk_norm_rope kernel: its start-up check, offsets past 2**31, its time
 #   attention attention kernels at the served shape, with and without a mask
 #   failures  out of memory and a broken device through the server (oom_served.json)
+#   gateway   the shipped config served (dummy weights, compiled), zimage-gateway in front,
+#             bench.gateway pairing the two paths at 1024x1024 (wheels carried in .dev/c)
 #   serve     our Triton server on GPU 0: cold start, latency, perf_analyzer, warm restart
 #   serve2    the same on every GPU of the machine (scaling), from the compile cache if any
 #   serve1    serve from that cache without the restart, one request profiled
@@ -103,6 +105,25 @@ for step in "$@"; do
       inproc -m bench.attention_kernels --out "$OUT/attention_kernels.json" ;;
     failures)
       served -m bench.failure_served --out-dir "$OUT" ;;
+    gateway)
+      [ -d .dev/c ] && python3 -m pip install -q --no-index --no-deps --target "$Z/gwsite" .dev/c/*.whl
+      cfg=$(served -c "from bench.common import config_with; print(config_with({'model.load_format': 'dummy'}))")
+      TORCHINDUCTOR_CACHE_DIR="$Z/inductor" served -m zimage_backend.launcher --config "$cfg" \
+        --http-port 18000 --grpc-port 18001 --metrics-port 18002 \
+        --log-file "$OUT/gateway_server.log" & spid=$!
+      PYTHONPATH="$Z/gwsite:$PWD/gateway" ZIMAGE_GATEWAY_API_KEYS=bench-key-0123456789abcdef \
+        served -m zimage_gateway --server grpc://127.0.0.1:18001 --port 18080 \
+        > "$OUT/gateway.log" 2>&1 & gpid=$!
+      served -c "import time, urllib.request as u
+for _ in range(900):
+    try:
+        u.urlopen('http://127.0.0.1:18000/v2/models/zimage/ready', timeout=2); break
+    except Exception: time.sleep(1)"
+      PYTHONPATH="$Z/gwsite:$Z/triton:$PWD:$PWD/backend:$PWD/client:$PWD/gateway" \
+        ZIMAGE_GATEWAY_KEY=bench-key-0123456789abcdef "$Z/venv/bin/python3" -m bench.gateway \
+        --gateway-url http://127.0.0.1:18080 --grpc-url grpc://127.0.0.1:18001 --size 1024 \
+        --steps 8 --repeats 12 --out "$OUT/gateway_1024.json"
+      kill $gpid; kill -INT $spid; wait $spid ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
