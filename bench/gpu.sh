@@ -111,16 +111,17 @@ for step in "$@"; do
       TORCHINDUCTOR_CACHE_DIR="$Z/inductor" served -m zimage_backend.launcher --config "$cfg" \
         --http-port 18000 --grpc-port 18001 --metrics-port 18002 \
         --log-file "$OUT/gateway_server.log" & spid=$!
-      PYTHONPATH="$Z/gwsite:$PWD/gateway" ZIMAGE_GATEWAY_API_KEYS=bench-key-0123456789abcdef \
-        served -m zimage_gateway --server grpc://127.0.0.1:18001 --port 18080 \
+      gw="$Z/gwsite:$Z/triton:$PWD:$PWD/backend:$PWD/client:$PWD/gateway"
+      PYTHONPATH="$gw" ZIMAGE_GATEWAY_API_KEYS=bench-key-0123456789abcdef \
+        "$Z/venv/bin/python3" -m zimage_gateway --server grpc://127.0.0.1:18001 --port 18080 \
         > "$OUT/gateway.log" 2>&1 & gpid=$!
       served -c "import time, urllib.request as u
 for _ in range(900):
     try:
         u.urlopen('http://127.0.0.1:18000/v2/models/zimage/ready', timeout=2); break
     except Exception: time.sleep(1)"
-      PYTHONPATH="$Z/gwsite:$Z/triton:$PWD:$PWD/backend:$PWD/client:$PWD/gateway" \
-        ZIMAGE_GATEWAY_KEY=bench-key-0123456789abcdef "$Z/venv/bin/python3" -m bench.gateway \
+      PYTHONPATH="$gw" ZIMAGE_GATEWAY_KEY=bench-key-0123456789abcdef \
+        "$Z/venv/bin/python3" -m bench.gateway \
         --gateway-url http://127.0.0.1:18080 --grpc-url grpc://127.0.0.1:18001 --size 1024 \
         --steps 8 --repeats 12 --out "$OUT/gateway_1024.json"
       kill $gpid; kill -INT $spid; wait $spid ;;
