@@ -90,6 +90,8 @@ class Engine:
         self.graphed: frozenset[str] = frozenset()  # modules replaying CUDA graphs
         started = time.perf_counter()
         self.pipe = load_pipeline(settings, device, self.dtype)
+        # encode_prompts pads on the right, whatever side the checkpoint's tokenizer names.
+        self.pipe.tokenizer.padding_side = "right"
         opts = settings.optimizations
         if optimizations.apply_before_placement(self.pipe, opts, device, self.report):
             self.pipe.to(device)
@@ -179,8 +181,7 @@ class Engine:
         token: the embeddings are the same, computed over ~60 tokens instead of 512.
         """
         tokenizer, limit = self.pipe.tokenizer, self.settings.limits.max_prompt_tokens
-        longest = (self.settings.optimizations.prompt_padding == "longest"
-                   and tokenizer.padding_side == "right")
+        longest = self.settings.optimizations.prompt_padding == "longest"
         inputs = tokenizer([self._template(p) for p in prompts],
                            padding="longest" if longest else "max_length", max_length=limit,
                            pad_to_multiple_of=64 if longest else None, truncation=True,
@@ -195,11 +196,8 @@ class Engine:
         hidden = self.pipe.text_encoder(
             input_ids=inputs.input_ids.to(self.device), attention_mask=mask.to(self.device),
             output_hidden_states=True, use_cache=False).hidden_states[-2]
-        if tokenizer.padding_side == "right":
-            # Slicing by lengths known on the host avoids the device sync of a boolean index.
-            out = [hidden[i, :n] for i, n in enumerate(mask.sum(dim=1).tolist())]
-        else:
-            out = [hidden[i][mask[i].to(self.device)] for i in range(len(prompts))]
+        # Slicing by lengths known on the host avoids the device sync of a boolean index.
+        out = [hidden[i, :n] for i, n in enumerate(mask.sum(dim=1).tolist())]
         # The next replay (the negative prompts', or the next call's) overwrites graph outputs.
         return [t.clone() for t in out] if graphs else out
 
