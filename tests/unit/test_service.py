@@ -90,57 +90,78 @@ def test_cancelled_request_is_answered_cancelled(service):
     assert answers[1].error is None
 
 
-class CancelsFromStep2:
-    """Not cancelled when the call starts, cancelled from the second denoising step on."""
+class CancelledAfterStep:
+    """A request that its client cancels once the engine has run `step` denoising steps,
+    counted as transformer forwards (guidance 0: one per step)."""
 
     tensors = tensors(PROMPT="x", HEIGHT=64, WIDTH=64, NUM_INFERENCE_STEPS=8)
     requested_outputs: set[str] = set()
 
-    def __init__(self):
-        self.checks = 0
+    def __init__(self, engine, step: int):
+        self.step, self.forwards = step, 0
+        self._hook = engine.pipe.transformer.register_forward_hook(self._count)
+
+    def _count(self, module, args, output):
+        self.forwards += 1
 
     def is_cancelled(self):
-        self.checks += 1
-        return self.checks > 2
+        return self.forwards >= self.step
+
+    def close(self):
+        self._hook.remove()
 
 
-def test_cancel_during_denoising_stops_between_steps(engine):
-    request = CancelsFromStep2()
-    [answer] = Service(engine).execute([request])
+@pytest.fixture()
+def cancelled_after_step_2(engine):
+    request = CancelledAfterStep(engine, step=2)
+    yield request
+    request.close()
+
+
+def test_cancel_during_denoising_stops_between_steps(engine, cancelled_after_step_2):
+    [answer] = Service(engine).execute([cancelled_after_step_2])
     assert answer.error.code == "CANCELLED"
-    assert request.checks == 3  # the check before the call, then step 1 and step 2
+    # No denoising step runs once the cancellation is visible, however often it is polled.
+    assert cancelled_after_step_2.forwards == 2
 
 
-def test_cancel_during_denoising_is_logged_with_the_steps_run(engine, caplog):
+def test_cancel_during_denoising_is_logged_with_the_steps_run(engine, cancelled_after_step_2,
+                                                              caplog):
     """The server log is where an operator sees a cancellation: the client has gone."""
     with caplog.at_level("INFO", logger="zimage_backend.service"):
-        Service(engine).execute([CancelsFromStep2()])
+        Service(engine).execute([cancelled_after_step_2])
     assert "1 request(s) cancelled during generation" in caplog.text
     assert "stopped after 2 of 8 denoising steps" in caplog.text
 
 
 class FailingEngine:
-    """Stands in for a GPU engine to drive the out-of-memory and crash paths on a CPU."""
+    """Stands in for a GPU engine to drive the out-of-memory and crash paths on a CPU. Each
+    image it makes is filled with its prompt's first byte, so an answer shows whose it is."""
 
     def __init__(self, engine, fits: int, error=torch.OutOfMemoryError,
                  message="CUDA out of memory. Tried to allocate 20.00 GiB"):
         self.settings, self.device, self.count_tokens = engine.settings, engine.device, len
-        self.fits, self.error, self.message, self.calls = fits, error, message, []
+        self.fits, self.error, self.message = fits, error, message
+        self.calls, self.made = [], []
 
     def run(self, requests, should_stop=None):
         self.calls.append(len(requests))
         if len(requests) > self.fits:
             raise self.error(self.message)
-        return BatchResult([np.zeros((r.height, r.width, 3), np.uint8) for r in requests],
-                           {"denoise": 1.0})
+        self.made += [r.prompt for r in requests]
+        return BatchResult([np.full((r.height, r.width, 3), ord(r.prompt[0]), np.uint8)
+                            for r in requests], {"denoise": 1.0})
 
 
 def test_out_of_memory_splits_the_batch_then_reports_resource_exhausted(engine):
     fake = FailingEngine(engine, fits=1)
-    answers = Service(fake).execute([Incoming(PROMPT=str(i), HEIGHT=64, WIDTH=64)
-                                     for i in range(4)])
-    assert all(a.error is None for a in answers)
-    assert fake.calls == [4, 2, 1, 1, 2, 1, 1]
+    prompts = [str(i) for i in range(4)]
+    answers = Service(fake).execute([Incoming(PROMPT=p, HEIGHT=64, WIDTH=64,
+                                              OUTPUT_FORMAT="raw") for p in prompts])
+    # Each request gets its own image, made once, in calls that fit, however the split went.
+    assert [pixels_of(a)[0, 0, 0] for a in answers] == [ord(p) for p in prompts]
+    assert sorted(fake.made) == prompts
+    assert fake.calls[0] == 4 and all(n < 4 for n in fake.calls[1:])  # tried whole, then less
     fake = FailingEngine(engine, fits=0)
     [answer] = Service(fake).execute([Incoming(PROMPT="huge", HEIGHT=2048, WIDTH=2048)])
     assert answer.error.code == "RESOURCE_EXHAUSTED"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
+from zimage_backend import audit
 from zimage_backend.checked_settings import load_checked_settings
 from zimage_backend.engine import Engine, resolve_device
 from zimage_backend.metrics import Metrics
@@ -61,6 +62,9 @@ class TritonPythonModel:
         return config
 
     def initialize(self, args):
+        # Off unless $ZIMAGE_AUDIT_RECORD names a file: the security test's record of what
+        # this process opens, runs and connects to.
+        audit.install_from_env()
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s zimage %(levelname)s %(name)s: %(message)s")
         path = _config_path(args)
