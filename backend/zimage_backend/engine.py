@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from . import optimizations, random_models
+from . import adapters, optimizations, random_models
 from .request import GenerationRequest
 from .settings import Settings
 
@@ -96,6 +96,9 @@ class Engine:
         self.pipe.set_progress_bar_config(disable=True)
         optimizations.apply_after_placement(self.pipe, opts, device, self.report)
         optimizations.apply_to_transformer(self.pipe, opts, device, self.report)
+        # LoRA (issue 13): wraps the products as fused and quantized above, before compile
+        # traces them; None when config.yaml has no adapters.
+        self.lora = adapters.install(self.pipe.transformer, settings, device, self.dtype)
         self.attention_backend = optimizations.select_attention_backend(
             self.pipe, opts, self.report, self._smoke_test)
         self.graphed = optimizations.apply_compile(self.pipe, opts, device, self.report)
@@ -274,6 +277,8 @@ class Engine:
             # text encoding is queued, the starting noise's copy waits for nothing; made inside
             # the pipeline call, it held the CPU until text encoding had finished.
             noise = self._noise(requests)
+            if self.lora is not None:
+                self.lora.activate(first.loras)
             with stage("text_encode"):
                 prompt_embeds = self.encode_prompts([r.prompt for r in requests])
                 negative_embeds = self.encode_prompts(

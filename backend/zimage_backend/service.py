@@ -91,7 +91,8 @@ class Service:
         for index, request in enumerate(incoming):
             try:
                 parsed = parse_request(request.tensors, self.settings.defaults,
-                                       self.settings.limits, self.engine.count_tokens)
+                                       self.settings.limits, self.engine.count_tokens,
+                                       adapters=self.settings.adapters)
                 check_requested_outputs(parsed, request.requested_outputs)
             except RequestError as exc:
                 answers[index].error = ServingError(INVALID_ARG, str(exc))
@@ -151,6 +152,7 @@ class Service:
             fail(indexes, ServingError(INTERNAL, f"generation failed: {type(exc).__name__}"))
             return
         self.metrics.batch(len(call), result.timings_ms, waited_ms)
+        self.metrics.adapter_images(requests[0].loras, len(call))  # one adapter set per call
         label = self.settings.model.weights_label
         for item, pixels in zip(call, result.pixels):
             r = item.request
@@ -167,6 +169,8 @@ class Service:
                         "height": r.height, "width": r.width,
                         "num_inference_steps": r.num_inference_steps,
                         "guidance_scale": r.guidance_scale}
+            if r.loras:
+                metadata["loras"] = dict(r.loras)
             rows[item.index][item.row] = (encoded if encoded is not None else pixels,
                                           {"seed": r.seed, "metadata": metadata})
 
