@@ -7,6 +7,7 @@ the only thing a client chooses is which of the operator's adapters run, and how
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from .settings import ADAPTER_NAME, AdapterSettings, Limits
 
 FIELD = "LORA"
+LISTING_OUTPUT = "ADAPTERS"  # the output that lists the registry (see `listing`)
 FORMAT = "name[:scale] items separated by commas"
 
 # (name, scale) pairs sorted by name: rows naming the same adapters at the same scales, in any
@@ -55,3 +57,14 @@ def parse_lora(text: str, adapters: Mapping[str, AdapterSettings], limits: Limit
                              f"{limits.max_adapters_per_request} are allowed per image")
     return tuple(sorted(chosen.items()))
 
+
+
+def listing(adapters: Mapping[str, AdapterSettings], limits: Limits) -> str:
+    """What a client may name in LORA, as JSON: names with default scales, and the limits.
+    Sources stay on the server: a client learns no path."""
+    return json.dumps({
+        "adapters": {name: {"scale": entry.scale} for name, entry in sorted(adapters.items())},
+        "max_adapters_per_request": limits.max_adapters_per_request,
+        "max_adapter_scale": limits.max_adapter_scale,
+        "format": FORMAT,
+    }, sort_keys=True)

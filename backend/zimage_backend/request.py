@@ -48,6 +48,8 @@ OUTPUTS = (
     TensorSpec("PIXELS", "UINT8", (-1, -1, 3)),  # raw HxWx3, only for OUTPUT_FORMAT raw
     TensorSpec("SEED", "INT64", (1,)),           # the seed actually used
     TensorSpec("METADATA", "STRING", (1,)),      # JSON: timings, batch size, weights label
+    # JSON: the LoRA adapters requests may name; asked for alone, nothing is generated.
+    TensorSpec("ADAPTERS", "STRING", (1,)),
 )
 _NUMPY_KINDS = {"STRING": ("O", "S", "U"), "INT32": ("i",), "INT64": ("i",), "FP32": ("f",)}
 OUTPUT_ALIASES = {"jpg": "jpeg"}

@@ -23,6 +23,7 @@ from .batching import plan_calls
 from .encoding import encode_image
 from .engine import Engine, GenerationCancelled
 from .metrics import Metrics
+from .lora_field import LISTING_OUTPUT, listing
 from .request import GenerationRequest, RequestError, check_requested_outputs, parse_request
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class Service:
             answer = answers[index]
             if index in settled or (answer.error is None and any(r is None for r in rows[index])):
                 return
-            if answer.error is None:
+            if answer.error is None and answer.outputs is None:
                 answer.outputs = _outputs(rows[index])
             settled.add(index)
             # Counted before the answer leaves: a client that reads the metrics next sees it.
@@ -89,6 +90,15 @@ class Service:
                 on_answer(index, answer)
 
         for index, request in enumerate(incoming):
+            if request.requested_outputs == {LISTING_OUTPUT}:
+                # LoRA (issue 13): the adapter listing alone costs no generation.
+                batch = len(next(iter(request.tensors.values()), [None]))
+                text = listing(self.settings.adapters, self.settings.limits).encode()
+                answers[index].outputs = {LISTING_OUTPUT: np.array([[text]] * batch,
+                                                                   dtype=np.object_)}
+                rows[index] = []
+                settle(index)
+                continue
             try:
                 parsed = parse_request(request.tensors, self.settings.defaults,
                                        self.settings.limits, self.engine.count_tokens,

@@ -6,13 +6,14 @@ import asyncio
 import importlib
 import logging
 import time
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from ._fanout import ProgressHook, ProgressReporter, build_requests, check_concurrency, collect_results
 from ._tensors import GenerateRequest, parse_result, to_infer_inputs, to_requested_outputs
 from ._transport import POLL_INITIAL_S, POLL_MAX_S, PROBE_MAX_S, Transport
 from .errors import ZImageError, ZImageTimeoutError
 from .generated_image import GeneratedImage
+from ._tensors import LISTING_OUTPUT, listing_arrays, parse_adapter_listing  # LoRA (issue 13)
 
 __all__ = ["AsyncZImageClient"]
 
@@ -165,6 +166,22 @@ class AsyncZImageClient:
         with t.translate_errors("server metadata", t.inference_timeout_s):
             return await self._client().get_server_metadata(**extra)
 
+
+    async def adapters(self) -> Dict[str, Any]:
+        """The LoRA adapters this server's requests may name (no image is generated):
+        ``{"adapters": {name: {"scale": default}}, "max_adapters_per_request": n,
+        "max_adapter_scale": s, "format": ...}``; no adapters: an empty ``adapters``."""
+        t = self._transport
+        lib = self._lib()
+        client = self._client()
+        await self._ensure_ready()
+        with t.translate_errors("adapter listing", t.inference_timeout_s):
+            result = await client.infer(
+                t.model_name, to_infer_inputs(listing_arrays(), lib), model_version=t.model_version,
+                outputs=to_requested_outputs((LISTING_OUTPUT,), lib), **self._grpc_kwargs(t.inference_timeout_s),
+            )
+        return parse_adapter_listing(result)
+
     async def _infer(self, request: GenerateRequest) -> GeneratedImage:
         t = self._transport
         lib = self._lib()
@@ -192,6 +209,7 @@ class AsyncZImageClient:
         guidance_scale: Optional[float] = None,
         seed: Optional[int] = None,
         output_format: Optional[str] = "png",
+        loras: Optional[Mapping[str, Optional[float]]] = None,
     ) -> GeneratedImage:
         """Generate one image; see ``ZImageClient.generate``."""
         request = GenerateRequest(
@@ -203,6 +221,7 @@ class AsyncZImageClient:
             guidance_scale=guidance_scale,
             seed=seed,
             output_format=output_format,
+            loras=loras,
         )
         self._client()
         await self._ensure_ready()
@@ -221,6 +240,7 @@ class AsyncZImageClient:
         guidance_scale: Optional[float] = None,
         seed: Union[int, Sequence[int], None] = None,
         output_format: Optional[str] = "png",
+        loras: Optional[Mapping[str, Optional[float]]] = None,
     ) -> List[GeneratedImage]:
         """One image per prompt in prompt order; same semantics as ``ZImageClient.generate_many``.
 
@@ -240,6 +260,7 @@ class AsyncZImageClient:
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             output_format=output_format,
+            loras=loras,
         )
         self._client()
         if not requests:

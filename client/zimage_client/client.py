@@ -6,13 +6,14 @@ import importlib
 import logging
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from ._fanout import ProgressHook, ProgressReporter, build_requests, check_concurrency, collect_results
 from ._tensors import GenerateRequest, parse_result, to_infer_inputs, to_requested_outputs
 from ._transport import POLL_INITIAL_S, POLL_MAX_S, PROBE_MAX_S, Transport
 from .errors import ZImageError, ZImageTimeoutError
 from .generated_image import GeneratedImage
+from ._tensors import LISTING_OUTPUT, listing_arrays, parse_adapter_listing  # LoRA (issue 13)
 
 __all__ = ["ZImageClient"]
 
@@ -232,6 +233,22 @@ class ZImageClient:
             client = self._client()
             return client.get_server_metadata(**self._json_kwargs(), **self._grpc_kwargs(t.inference_timeout_s))
 
+
+    def adapters(self) -> Dict[str, Any]:
+        """The LoRA adapters this server's requests may name (no image is generated):
+        ``{"adapters": {name: {"scale": default}}, "max_adapters_per_request": n,
+        "max_adapter_scale": s, "format": ...}``; no adapters: an empty ``adapters``."""
+        t = self._transport
+        lib = self._lib()
+        self._check_open()
+        self._ensure_ready()
+        with t.translate_errors("adapter listing", t.inference_timeout_s):
+            result = self._client().infer(
+                t.model_name, to_infer_inputs(listing_arrays(), lib), model_version=t.model_version,
+                outputs=to_requested_outputs((LISTING_OUTPUT,), lib), **self._grpc_kwargs(t.inference_timeout_s),
+            )
+        return parse_adapter_listing(result)
+
     def _json_kwargs(self) -> Dict[str, Any]:
         return {"as_json": True} if self._transport.is_grpc else {}
 
@@ -269,6 +286,7 @@ class ZImageClient:
         guidance_scale: Optional[float] = None,
         seed: Optional[int] = None,
         output_format: Optional[str] = "png",
+        loras: Optional[Mapping[str, Optional[float]]] = None,
     ) -> GeneratedImage:
         """Generate one image.
 
@@ -285,6 +303,7 @@ class ZImageClient:
             guidance_scale=guidance_scale,
             seed=seed,
             output_format=output_format,
+            loras=loras,
         )
         self._check_open()
         self._ensure_ready()
@@ -303,6 +322,7 @@ class ZImageClient:
         guidance_scale: Optional[float] = None,
         seed: Union[int, Sequence[int], None] = None,
         output_format: Optional[str] = "png",
+        loras: Optional[Mapping[str, Optional[float]]] = None,
     ) -> List[GeneratedImage]:
         """Generate one image per prompt, returned in prompt order.
 
@@ -330,6 +350,7 @@ class ZImageClient:
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             output_format=output_format,
+            loras=loras,
         )
         self._check_open()
         if not requests:
