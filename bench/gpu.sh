@@ -17,6 +17,8 @@
 #   serve1    serve from that cache without the restart, one request profiled
 #   servefp8  latency through the server with optimizations.fp8 on (GPU 0), and the
 #             deviation of its images from serve's bf16 images of the same seeds
+#   lora      LoRA adapters in-process (bench/lora.py): none, one, two, after a switch
+#   servelora the same through our Triton server (needs venv): bench/results/<run>/lora.json
 # SERVE_ARGS adds arguments to the serve steps, e.g. "--set optimizations.tf32=false".
 set -uo pipefail
 Z=${ZIMAGE_GPU_DIR:-/root/zt}
@@ -90,6 +92,10 @@ for step in "$@"; do
     servefp8)
       served -m bench.server --gpus 0 --no-restart --concurrency "" --set optimizations.fp8=true \
         --compare-images "$Z/bf16_images.npz" ${SERVE_ARGS:-} --out "$OUT/server_fp8.json" ;;
+    lora)
+      inproc -m bench.lora --out "$OUT/lora_engine.json" ;;
+    servelora)
+      served -m bench.lora --server --out "$OUT/lora.json" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

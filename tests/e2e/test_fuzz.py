@@ -197,6 +197,18 @@ VALUES = {"PROMPT": text_values("PROMPT", True),
 # How often an input is left out; the default it then gets.
 ABSENT = {"PROMPT": 3, "NEGATIVE_PROMPT": 70, "HEIGHT": 3, "WIDTH": 3, "NUM_INFERENCE_STEPS": 5,
           "GUIDANCE_SCALE": 50, "SEED": 30, "OUTPUT_FORMAT": 40}
+# LoRA (issue 13): the shipped config has no adapters, so only an empty LORA is allowed; every
+# name, a path or a URL included, is refused.
+INPUTS += ("LORA",)
+WIRE_DTYPE["LORA"] = "BYTES"
+VALUES["LORA"] = [
+    (90, st.sampled_from(["", " ", "\t"]).map(lambda s: (s.encode(), False))),
+    (8, st.sampled_from(["ink", "ink:0.5", "../ink.safetensors", "/etc/passwd", ",",
+                         "https://example.com/x.safetensors", "ink:nan", "a,b,c"]).map(
+        lambda s: (s.encode(), True))),
+    (2, NON_UTF8.map(lambda b: (b, True))),
+]
+ABSENT["LORA"] = 80
 
 
 def _wrong_dtype_array(datatype: str, rows: int) -> np.ndarray:
