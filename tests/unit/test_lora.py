@@ -4,17 +4,23 @@ unfused), and switching adapters recompiles nothing."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.unit.test_transformer_rewrites import _forward
 from zimage_backend import adapters as registry
-from zimage_backend import random_adapters, random_models
+from zimage_backend import float8, fusion, random_adapters, random_models
 from zimage_backend.engine import Engine
-from zimage_backend.lora import LoraLinear, LoraTargetError
+from zimage_backend.lora import Factors, LoraBank, LoraLinear, LoraTargetError
 from zimage_backend.settings import AdapterSettings
 
 RANK = 4
@@ -194,3 +200,79 @@ def test_switching_adapters_recompiles_nothing(tiny_settings, files):
         # The compiled code reads the slots at run time: each switch draws the set's image.
         assert np.abs(got - eager.run([request]).pixels[0].astype(int)).max() <= 1
     assert counter.frame_count == frames, "a switch recompiled"
+
+
+def _merged(transformer, pairs, scale):
+    """The reference: each adapter's delta merged into a copy of the unfused weights."""
+    merged = copy.deepcopy(transformer)
+    with torch.no_grad():
+        for module, (a, b) in pairs.items():
+            merged.get_submodule(module).weight += scale * (b @ a)
+    return merged
+
+
+def _banked(transformer, pairs, scale, rewrite=None):
+    """A fused copy, rewritten by `rewrite`, with the adapter in slot 0 of a LoraBank."""
+    fused = copy.deepcopy(transformer)
+    fusion.fuse_transformer(fused)
+    if rewrite is not None:
+        rewrite(fused)
+    bank = LoraBank(fused, {"a": Factors(pairs)}, 2, torch.device("cpu"), torch.float32)
+    bank.activate((("a", scale),))
+    return fused, bank
+
+
+def test_unmerged_slots_equal_merged_weights_on_the_fused_transformer():
+    transformer = random_models.build_tiny_pipeline(3).transformer
+    pairs = random_adapters.factors(random_adapters.module_shapes(transformer), RANK, seed=9,
+                                    b_std=B_STD)
+    expected = _forward(_merged(transformer, pairs, 0.7), 0)
+    fused, bank = _banked(transformer, pairs, 0.7)
+    assert torch.allclose(_forward(fused, 0), expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(_forward(transformer, 0), expected, rtol=1e-2, atol=1e-3)
+    bank.activate(())
+    assert torch.equal(_forward(fused, 0), _forward(_banked(transformer, pairs, 0.0)[0], 0))
+
+
+def test_slots_sit_beside_fp8_products():
+    transformer = random_models.build_tiny_pipeline(3).transformer
+    shapes = random_adapters.module_shapes(transformer)
+    pairs = random_adapters.factors(shapes, RANK, seed=9, b_std=B_STD)
+    fused, _ = _banked(transformer, pairs, 1.5, rewrite=float8.quantize_transformer)
+    qkv = fused.layers[0].attention.to_qkv
+    assert isinstance(qkv, LoraLinear) and isinstance(qkv.base, float8.Float8Linear)
+    x = torch.randn(2, 7, qkv.in_features)
+    names = ("to_q", "to_k", "to_v")
+    delta = torch.cat([x @ pairs[f"layers.0.attention.{n}"][0].T
+                       @ pairs[f"layers.0.attention.{n}"][1].T for n in names], dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(qkv(x), qkv.base(x) + 1.5 * delta)
+
+
+_QK_CHILD = textwrap.dedent("""
+    import torch
+    from zimage_backend import fusion, random_adapters, random_models
+    from tests.unit.test_lora import _banked, _merged, RANK, B_STD
+    from tests.unit.test_transformer_rewrites import _forward
+
+    transformer = random_models.build_tiny_pipeline(3).transformer
+    pairs = random_adapters.factors(random_adapters.module_shapes(transformer), RANK, seed=9,
+                                    b_std=B_STD)
+    expected = _forward(_merged(transformer, pairs, 0.7), 0)
+    kernel = lambda t: fusion.attach_qk_norm_rope_kernel(t, torch.device("cpu"))
+    fused, _ = _banked(transformer, pairs, 0.7, rewrite=kernel)
+    assert fused.layers[0].attention.processor.qk_kernel is not None
+    got = _forward(fused, 0)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
+    print("lora with kernel ok")
+""")
+
+
+def test_slots_feed_the_qk_norm_rope_kernel_in_triton_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", _QK_CHILD], env=env,
+                            cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and "lora with kernel ok" in result.stdout, \
+        result.stderr[-3000:]
