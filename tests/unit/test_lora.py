@@ -276,3 +276,14 @@ def test_slots_feed_the_qk_norm_rope_kernel_in_triton_interpreter():
                             text=True, timeout=600)
     assert result.returncode == 0 and "lora with kernel ok" in result.stdout, \
         result.stderr[-3000:]
+
+
+def test_a_hub_adapter_that_cannot_download_fails_with_name_and_reason(monkeypatch, tmp_path):
+    # No hub here: offline, the download fails the way an unreachable hub does.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    entry = AdapterSettings(source="someone/z-image-ink", file="ink.safetensors",
+                            revision="0123abc", scale=1.0)
+    with pytest.raises(registry.AdapterError, match=r"adapter 'ink': cannot download "
+                       r"ink.safetensors from someone/z-image-ink@0123abc: "):
+        registry.load_host("ink", entry)
