@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.unit.test_qk_norm_rope import in_triton_interpreter
 from tests.unit.test_transformer_rewrites import _forward
 from zimage_backend import adapters as registry
 from zimage_backend import float8, fusion, random_adapters, random_models
@@ -269,11 +267,7 @@ _QK_CHILD = textwrap.dedent("""
 
 
 def test_slots_feed_the_qk_norm_rope_kernel_in_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", _QK_CHILD], env=env,
-                            cwd=Path(__file__).resolve().parents[2], capture_output=True,
-                            text=True, timeout=600)
+    result = in_triton_interpreter(_QK_CHILD)
     assert result.returncode == 0 and "lora with kernel ok" in result.stdout, \
         result.stderr[-3000:]
 
