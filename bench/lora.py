@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import PROMPT, ROOT, Timer, config_with, stamp, summarize, write_json
+from bench.common import (PROMPT, ROOT, Timer, config_with, parse_overrides, stamp, summarize,
+                          write_json)
 from zimage_backend import random_adapters, random_models
 from zimage_backend.settings import load_settings
 
@@ -168,13 +169,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
                         help="skip the server without adapters configured")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config.yaml override for both servers, e.g. optimizations.fp8=true")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="zimage-lora-"))
     registry = write_adapters(folder, args.load_format, args.rank)
     base = {"model.load_format": args.load_format,
-            "optimizations.warmup.sizes": [[args.size, args.size]]}
+            "optimizations.warmup.sizes": [[args.size, args.size]], **parse_overrides(args.set)}
     config = config_with({**base, "adapters": registry})
     baseline = config_with(base)
     measured = (through_server if args.server else in_process)(config, baseline, args)
@@ -184,7 +187,7 @@ def main() -> None:
     result = {
         "system": "zimage " + ("server (gRPC, PNG)" if args.server else "engine (in-process)"),
         "load_format": args.load_format, "size": args.size, "steps": args.steps,
-        "rank": args.rank, "latency_s": medians,
+        "rank": args.rank, "overrides": args.set, "latency_s": medians,
         "ratio_to_no_adapters": {case: round(m / reference, 4) for case, m in medians.items()},
         "runs": {case: summarize(times) for case, times in latency.items()},
         **measured, **stamp(),
