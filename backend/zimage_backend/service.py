@@ -22,8 +22,8 @@ import torch
 from .batching import plan_calls
 from .encoding import encode_image
 from .engine import Engine, GenerationCancelled
-from .metrics import Metrics
 from .lora_field import LISTING_OUTPUT, listing
+from .metrics import Metrics
 from .request import GenerationRequest, RequestError, check_requested_outputs, parse_request
 
 log = logging.getLogger(__name__)
