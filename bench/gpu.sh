@@ -95,7 +95,7 @@ for step in "$@"; do
     lora)
       inproc -m bench.lora --out "$OUT/lora_engine.json" ;;
     servelora)
-      served -m bench.lora --server --out "$OUT/lora.json" ;;
+      served -m bench.lora --server --compile-cache "$Z/inductor" --out "$OUT/lora.json" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

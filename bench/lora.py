@@ -119,11 +119,15 @@ def through_server(config: Path, baseline: Path, args) -> dict:
     from zimage_backend.launcher import TritonServer
     from zimage_client import ZImageClient
 
+    env = {"TORCH_LOGS": "recompiles"}  # each recompile in the instance writes a log line
+    if args.compile_cache is not None:
+        # The second server reuses what the first compiled (text encoder, VAE decoder).
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(args.compile_cache)
+
     def serve(path: Path, log: Path):
-        # TORCH_LOGS=recompiles: each recompile in the instance writes one log line.
         return TritonServer(ROOT / "model_repository", config_path=path, http_port=0,
                             grpc_port=0, metrics_port=0, log_file=log, ready_timeout_s=1200,
-                            extra_env={"TORCH_LOGS": "recompiles"})
+                            extra_env=env)
 
     def timer(client):
         def run(adapter_set) -> float:
@@ -167,6 +171,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile-cache", type=Path, default=None,
+                        help="with --server: TORCHINDUCTOR_CACHE_DIR shared by both servers")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
                         help="skip the server without adapters configured")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
