@@ -60,7 +60,11 @@ class LoraLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b)
+        out = self.base(x)
+        # The delta's product accumulates into the base output (GEMM with beta 1): no delta
+        # tensor of the output's size is written and read back for a separate add.
+        low = F.linear(x, self.lora_a).flatten(0, -2)
+        return torch.addmm(out.flatten(0, -2), low, self.lora_b.t()).view_as(out)
 
     def columns(self, slot: int, part: int) -> slice:
         start = (slot * self.parts + part) * self.rank
