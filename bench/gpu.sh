@@ -24,6 +24,8 @@
 #   serve1    serve from that cache without the restart, one request profiled
 #   servefp8  latency through the server with optimizations.fp8 on (GPU 0), and the
 #             deviation of its images from serve's bf16 images of the same seeds
+#   lora      LoRA adapters in-process (bench/lora.py): none, one, two, after a switch
+#   servelora the same through our Triton server (needs venv): bench/results/<run>/lora.json
 # SERVE_ARGS adds arguments to the serve steps, e.g. "--set optimizations.tf32=false".
 set -uo pipefail
 Z=${ZIMAGE_GPU_DIR:-/root/zt}
@@ -125,6 +127,10 @@ for _ in range(900):
         --gateway-url http://127.0.0.1:18080 --grpc-url grpc://127.0.0.1:18001 --size 1024 \
         --steps 8 --repeats 12 --out "$OUT/gateway_1024.json"
       kill $gpid; kill -INT $spid; wait $spid ;;
+    lora)
+      inproc -m bench.lora --out "$OUT/lora_engine.json" ;;
+    servelora)
+      served -m bench.lora --server --compile-cache "$Z/inductor" --out "$OUT/lora.json" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

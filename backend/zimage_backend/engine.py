@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from . import optimizations, random_models
+from . import adapters, optimizations, random_models
 from .request import GenerationRequest
 from .settings import Settings
 
@@ -321,6 +321,8 @@ class Engine:
             # text encoding is queued, the starting noise's copy waits for nothing; made inside
             # the pipeline call, it held the CPU until text encoding had finished.
             noise = self._noise(requests)
+            if self.lora is not None:
+                self.lora.activate(first.loras)
             with stage("text_encode"):
                 prompt_embeds = self.encode_prompts([r.prompt for r in requests])
                 negative_embeds = self.encode_prompts(

@@ -30,6 +30,8 @@ class Metrics:
             "errors": ("zimage_request_errors_total", "Requests answered with an error, by code",
                        family.COUNTER),
             "batch": ("zimage_batch_size", "Images per pipeline call", family.HISTOGRAM),
+            "adapter_images": ("zimage_adapter_images_total", "Images generated with each "
+                               "LoRA adapter, by adapter name", family.COUNTER),
             "wait": ("zimage_batch_wait_ms", "Time a pipeline call waited inside execute() "
                                              "behind earlier calls of the same batch",
                      family.HISTOGRAM),
@@ -80,3 +82,9 @@ class Metrics:
         for code in codes:
             if code is not None and (metric := self._metric("errors", code=code)) is not None:
                 metric.increment(1)
+
+    def adapter_images(self, adapter_set: Sequence[tuple[str, float]], images: int) -> None:
+        """Counts `images` for each adapter of the set (LoRA, issue 13)."""
+        for name, _ in adapter_set:
+            if (metric := self._metric("adapter_images", adapter=name)) is not None:
+                metric.increment(images)

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .settings import OUTPUT_FORMATS, Defaults, Limits
+from .lora_field import FIELD as LORA_FIELD
+from .lora_field import AdapterSet, LoraFieldError, parse_lora
+from .settings import OUTPUT_FORMATS, AdapterSettings, Defaults, Limits
 
 MAX_SEED = 2**63 - 1
 
@@ -39,12 +41,15 @@ INPUTS = (
     TensorSpec("GUIDANCE_SCALE", "FP32", (1,), optional=True),
     TensorSpec("SEED", "INT64", (1,), optional=True),
     TensorSpec("OUTPUT_FORMAT", "STRING", (1,), optional=True),
+    TensorSpec("LORA", "STRING", (1,), optional=True),  # adapters by name (lora_field.py)
 )
 OUTPUTS = (
     TensorSpec("IMAGE", "STRING", (1,)),        # encoded png/jpeg/webp bytes
     TensorSpec("PIXELS", "UINT8", (-1, -1, 3)),  # raw HxWx3, only for OUTPUT_FORMAT raw
     TensorSpec("SEED", "INT64", (1,)),           # the seed actually used
     TensorSpec("METADATA", "STRING", (1,)),      # JSON: timings, batch size, weights label
+    # JSON: the LoRA adapters requests may name; asked for alone, nothing is generated.
+    TensorSpec("ADAPTERS", "STRING", (1,)),
 )
 _NUMPY_KINDS = {"STRING": ("O", "S", "U"), "INT32": ("i",), "INT64": ("i",), "FP32": ("f",)}
 OUTPUT_ALIASES = {"jpg": "jpeg"}
@@ -68,11 +73,13 @@ class GenerationRequest:
     seed: int
     output_format: str
     negative_prompt: str | None = None
+    loras: AdapterSet = ()  # LoRA adapters and scales, sorted by name
 
     @property
-    def group_key(self) -> tuple[int, int, int, float]:
-        """Requests with equal keys can share one pipeline call."""
-        return (self.height, self.width, self.num_inference_steps, self.guidance_scale)
+    def group_key(self) -> tuple:
+        """Requests with equal keys can share one pipeline call (one adapter set per call)."""
+        return (self.height, self.width, self.num_inference_steps, self.guidance_scale,
+                self.loras)
 
     def validate(self, limits: Limits) -> GenerationRequest:
         if not self.prompt.strip():
@@ -134,6 +141,7 @@ def parse_request(
     limits: Limits,
     count_tokens: Callable[[str], int] | None = None,
     new_seed: Callable[[], int] = lambda: secrets.randbelow(MAX_SEED + 1),
+    adapters: Mapping[str, AdapterSettings] | None = None,
 ) -> list[GenerationRequest]:
     """Turns one Triton request's input tensors into one validated request per batch row.
 
@@ -161,6 +169,11 @@ def parse_request(
         output_format = _text("OUTPUT_FORMAT",
                               value("OUTPUT_FORMAT", row, defaults.output_format)).strip().lower()
         seed = value("SEED", row, None)
+        try:
+            loras = parse_lora(_text(LORA_FIELD, value(LORA_FIELD, row, b"")), adapters or {},
+                               limits)
+        except LoraFieldError as exc:
+            raise RequestError(LORA_FIELD, str(exc)) from None
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt=None if negative is None else _text("NEGATIVE_PROMPT", negative),
@@ -171,6 +184,7 @@ def parse_request(
             guidance_scale=float(value("GUIDANCE_SCALE", row, defaults.guidance_scale)),
             seed=new_seed() if seed is None else int(seed),
             output_format=OUTPUT_ALIASES.get(output_format, output_format),
+            loras=loras,
         ).validate(limits)
         if count_tokens is not None:
             for field, text in (("PROMPT", request.prompt),

@@ -24,6 +24,7 @@ from . import device_errors
 from .batching import plan_calls
 from .encoding import encode_image
 from .engine import Engine, GenerationCancelled
+from .lora_field import LISTING_OUTPUT, listing
 from .metrics import Metrics
 from .request import GenerationRequest, RequestError, check_requested_outputs, parse_request
 
@@ -85,7 +86,7 @@ class Service:
             answer = answers[index]
             if index in settled or (answer.error is None and any(r is None for r in rows[index])):
                 return
-            if answer.error is None:
+            if answer.error is None and answer.outputs is None:
                 answer.outputs = _outputs(rows[index])
             settled.add(index)
             # Counted before the answer leaves: a client that reads the metrics next sees it.
@@ -94,9 +95,19 @@ class Service:
                 on_answer(index, answer)
 
         for index, request in enumerate(incoming):
+            if request.requested_outputs == {LISTING_OUTPUT}:
+                # LoRA (issue 13): the adapter listing alone costs no generation.
+                batch = len(next(iter(request.tensors.values()), [None]))
+                text = listing(self.settings.adapters, self.settings.limits).encode()
+                answers[index].outputs = {LISTING_OUTPUT: np.array([[text]] * batch,
+                                                                   dtype=np.object_)}
+                rows[index] = []
+                settle(index)
+                continue
             try:
                 parsed = parse_request(request.tensors, self.settings.defaults,
-                                       self.settings.limits, self.engine.count_tokens)
+                                       self.settings.limits, self.engine.count_tokens,
+                                       adapters=self.settings.adapters)
                 check_requested_outputs(parsed, request.requested_outputs)
             except RequestError as exc:
                 answers[index].error = ServingError(INVALID_ARG, str(exc))
@@ -172,6 +183,7 @@ class Service:
                 f"{r.num_inference_steps} steps; memory was released, retry smaller or later")))
             return
         self.metrics.batch(len(call), result.timings_ms, waited_ms)
+        self.metrics.adapter_images(requests[0].loras, len(call))  # one adapter set per call
         label = self.settings.model.weights_label
         for item, pixels in zip(call, result.pixels):
             r = item.request
@@ -195,6 +207,8 @@ class Service:
                         "height": r.height, "width": r.width,
                         "num_inference_steps": r.num_inference_steps,
                         "guidance_scale": r.guidance_scale}
+            if r.loras:
+                metadata["loras"] = dict(r.loras)
             rows[item.index][item.row] = (encoded if encoded is not None else pixels,
                                           {"seed": r.seed, "metadata": metadata})
 

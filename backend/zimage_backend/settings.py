@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +31,8 @@ COMPILE_MODULES = ("transformer", "vae_decoder", "text_encoder")
 CUDA_GRAPH_MODULES = ("text_encoder",)
 MEMORY_MODES = ("performance", "balanced", "memory_constrained")
 PROMPT_PADDING = ("longest", "max_length")
+# LoRA adapters (issue 13): a name is a word, so a request's LORA text can never hold a path or URL.
+ADAPTER_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 
 
 class SettingsError(ValueError):
@@ -83,6 +87,8 @@ class Limits:
     max_images_per_call: int
     max_pixels_per_call: int
     gpu_memory_gib: float | None  # None: the whole GPU
+    max_adapters_per_request: int  # LoRA adapters one image may use at once
+    max_adapter_scale: float  # a request's adapter scale must lie in [-max, max]
 
     def images_per_call(self, height: int, width: int) -> int:
         """How many images of this size one pipeline call may hold."""
@@ -135,6 +141,55 @@ class Optimizations:
     warmup: Warmup
 
 
+# --- LoRA adapters (issue 13) ---------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class AdapterSettings:
+    """One entry of config.yaml's `adapters:` registry; loaded by adapters.py at startup."""
+
+    source: str  # a local .safetensors file or folder (absolute), or a hub repo id with `file`
+    file: str | None  # with a hub repo id: the file inside the repo; null for a local source
+    revision: str | None  # with a hub repo id: the commit or tag to pin
+    scale: float  # used when a request names the adapter without a scale
+
+    @property
+    def from_hub(self) -> bool:
+        return self.file is not None
+
+
+def _validate_adapters(adapters: dict[str, AdapterSettings], limits: Limits) -> None:
+    if not 0 <= limits.max_adapters_per_request <= 16:
+        raise SettingsError(f"limits.max_adapters_per_request: {limits.max_adapters_per_request} "
+                            "is outside [0, 16]")
+    if not (math.isfinite(limits.max_adapter_scale) and limits.max_adapter_scale > 0):
+        raise SettingsError(f"limits.max_adapter_scale: {limits.max_adapter_scale} must be a "
+                            "finite number above 0")
+    for name, adapter in adapters.items():
+        key = f"adapters.{name}"
+        if not isinstance(name, str) or not re.fullmatch(ADAPTER_NAME, name):
+            raise SettingsError(f"adapters: name {name!r} is not allowed; names are 1-64 letters, "
+                                "digits, '_', '.' or '-', starting with a letter or digit")
+        if not (math.isfinite(adapter.scale)
+                and abs(adapter.scale) <= limits.max_adapter_scale):
+            raise SettingsError(f"{key}.scale: {adapter.scale} is outside "
+                                f"[-{limits.max_adapter_scale}, {limits.max_adapter_scale}]")
+        if adapter.from_hub:
+            if not re.fullmatch(r"[\w.-]+/[\w.-]+", adapter.source):
+                raise SettingsError(f"{key}.source: {adapter.source!r} is not a hub repo id "
+                                    "(owner/name), which `file` asks for")
+            if not adapter.file.endswith(".safetensors") or adapter.file.startswith("/") \
+                    or ".." in Path(adapter.file).parts:
+                raise SettingsError(f"{key}.file: {adapter.file!r} must be a .safetensors file "
+                                    "inside the repo")
+        else:
+            if adapter.revision is not None:
+                raise SettingsError(f"{key}.revision: a local source has no revision; set it to "
+                                    "null, or give `file` for a hub repo")
+            if not Path(adapter.source).expanduser().is_absolute():
+                raise SettingsError(f"{key}.source: {adapter.source!r} is not an absolute path; "
+                                    "a local adapter is an absolute file or folder path (or give "
+                                    "`file` for a hub repo)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     model: ModelSettings
@@ -142,6 +197,7 @@ class Settings:
     limits: Limits
     encoding: Encoding
     optimizations: Optimizations
+    adapters: dict[str, AdapterSettings]  # LoRA registry (issue 13); {}: none, nothing wrapped
 
     def validate(self) -> Settings:
         m, d, lim, o = self.model, self.defaults, self.limits, self.optimizations
@@ -191,6 +247,7 @@ class Settings:
         ):
             if not low <= value <= high:
                 raise SettingsError(f"{key}: {value} is outside [{low}, {high}]")
+        _validate_adapters(self.adapters, lim)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -239,6 +296,12 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             return None
         hint = next(a for a in args if a is not type(None))
         return _coerce(hint, value, path)
+    if origin is dict:  # adapters: name -> entry
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise SettingsError(f"{path}: expected a mapping, got {value!r}")
+        return {k: _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise SettingsError(f"{path}: expected a list, got {value!r}")

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from ._tensors import GenerateRequest, to_infer_inputs, to_requested_outputs
+from ._tensors import (LISTING_OUTPUT, GenerateRequest, listing_arrays, to_infer_inputs,
+                       to_requested_outputs)
 from ._transport import Transport
 
 __all__ = ["Calls"]
@@ -34,6 +35,17 @@ class Calls:
             "inputs": to_infer_inputs(request.input_arrays(), module),
             "model_version": t.model_version,
             "outputs": to_requested_outputs(request.output_names(), module),
+            **self.deadline(t.inference_timeout_s),
+        }
+
+    def listing(self, module: Any) -> Dict[str, Any]:
+        """For ``client.infer(**...)`` asking only for the server's adapter registry."""
+        t = self._transport
+        return {
+            "model_name": t.model_name,
+            "inputs": to_infer_inputs(listing_arrays(), module),
+            "model_version": t.model_version,
+            "outputs": to_requested_outputs((LISTING_OUTPUT,), module),
             **self.deadline(t.inference_timeout_s),
         }
 

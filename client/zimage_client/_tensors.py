@@ -13,7 +13,7 @@ import json
 import logging
 import numbers
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -82,6 +82,29 @@ def _check_text(name: str, value: Any) -> Optional[str]:
     return value
 
 
+def _check_loras(value: Any) -> Tuple[Tuple[str, Optional[float]], ...]:
+    """LoRA adapters as ``{name: scale}`` (None: the server's default scale) to sorted pairs.
+
+    Names are the server's to check (its INVALID_ARG lists the allowed ones); only what would
+    change the LORA text's meaning is refused here.
+    """
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise TypeError(f"loras must be a mapping of adapter name to scale, got {type(value).__name__}")
+    pairs = []
+    for name, scale in value.items():
+        if not isinstance(name, str) or not name.strip() or any(c in name for c in ",:"):
+            raise ValueError(f"loras: adapter name {name!r} must be a non-empty str without ',' or ':'")
+        pairs.append((name.strip(), _check_float(f"loras[{name!r}]", scale)))
+    return tuple(sorted(pairs))
+
+
+def lora_text(loras: Sequence[Tuple[str, Optional[float]]]) -> str:
+    """The LORA input's text: ``name[:scale]`` items separated by commas."""
+    return ", ".join(name if scale is None else f"{name}:{scale!r}" for name, scale in loras)
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
     """One image request, validated for type and tensor range only.
@@ -100,6 +123,8 @@ class GenerateRequest:
     guidance_scale: Optional[float] = None
     seed: Optional[int] = None
     output_format: Optional[str] = "png"
+    # LoRA adapters of the server's registry: {name: scale}, stored as sorted pairs.
+    loras: Optional[Any] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -112,6 +137,7 @@ class GenerateRequest:
         set_(self, "guidance_scale", _check_float("guidance_scale", self.guidance_scale))
         set_(self, "seed", _check_int("seed", self.seed, _INT64))
         set_(self, "output_format", normalize_output_format(self.output_format))
+        set_(self, "loras", _check_loras(self.loras))
 
     @property
     def is_raw(self) -> bool:
@@ -135,6 +161,8 @@ class GenerateRequest:
             arrays["SEED"] = np.array([[self.seed]], dtype=np.int64)
         if self.output_format is not None:
             arrays["OUTPUT_FORMAT"] = _bytes_tensor(self.output_format)
+        if self.loras:
+            arrays["LORA"] = _bytes_tensor(lora_text(self.loras))
         return arrays
 
     def output_names(self) -> Tuple[str, ...]:
@@ -248,3 +276,30 @@ def parse_result(result: Any, request: GenerateRequest) -> GeneratedImage:
         timings_ms=timings,
         metadata=metadata,
     )
+
+
+
+# LoRA (issue 13): a request that asks for the ADAPTERS output alone gets the server's adapter
+# listing and generates nothing; PROMPT is sent only because the contract requires it.
+LISTING_OUTPUT = "ADAPTERS"
+LISTING_INPUTS = {"PROMPT": "list adapters"}
+
+
+def listing_arrays() -> Dict[str, np.ndarray]:
+    return {name: _bytes_tensor(text) for name, text in LISTING_INPUTS.items()}
+
+
+def parse_adapter_listing(result: Any) -> Dict[str, Any]:
+    """``{"adapters": {name: {"scale": default}}, "max_adapters_per_request": n, ...}`` from
+    the ADAPTERS output of a listing request."""
+    array = result.as_numpy(LISTING_OUTPUT)
+    if array is None:
+        raise ZImageResponseError("server response has no ADAPTERS output")
+    raw = _first(array, LISTING_OUTPUT)
+    try:
+        listing = json.loads(bytes(raw).decode("utf-8") if not isinstance(raw, str) else raw)
+    except (TypeError, ValueError) as exc:
+        raise ZImageResponseError(f"ADAPTERS is not JSON: {exc}") from None
+    if not isinstance(listing, dict) or not isinstance(listing.get("adapters"), dict):
+        raise ZImageResponseError("ADAPTERS holds no 'adapters' mapping")
+    return listing

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from ._calls import Calls
 from ._fanout import ProgressHook, ProgressReporter, build_requests, check_concurrency, collect_results
@@ -14,6 +14,7 @@ from ._tensors import GenerateRequest, parse_result
 from ._transport import Transport
 from .errors import ZImageError
 from .generated_image import GeneratedImage
+from ._tensors import parse_adapter_listing  # LoRA (issue 13)
 
 __all__ = ["AsyncZImageClient"]
 
@@ -148,6 +149,19 @@ class AsyncZImageClient:
         with t.translate_errors("server metadata", t.inference_timeout_s):
             return await self._client().get_server_metadata(**self._calls.metadata())
 
+
+    async def adapters(self) -> Dict[str, Any]:
+        """The LoRA adapters this server's requests may name (no image is generated):
+        ``{"adapters": {name: {"scale": default}}, "max_adapters_per_request": n,
+        "max_adapter_scale": s, "format": ...}``; no adapters: an empty ``adapters``."""
+        t = self._transport
+        lib = self._lib()
+        client = self._client()
+        await self._ensure_ready()
+        with t.translate_errors("adapter listing", t.inference_timeout_s):
+            result = await client.infer(**self._calls.listing(lib))
+        return parse_adapter_listing(result)
+
     async def _infer(self, request: GenerateRequest) -> GeneratedImage:
         t = self._transport
         client = self._client()
@@ -167,6 +181,7 @@ class AsyncZImageClient:
         guidance_scale: Optional[float] = None,
         seed: Optional[int] = None,
         output_format: Optional[str] = "png",
+        loras: Optional[Mapping[str, Optional[float]]] = None,
     ) -> GeneratedImage:
         """Generate one image; see ``ZImageClient.generate``."""
         request = GenerateRequest(
@@ -178,6 +193,7 @@ class AsyncZImageClient:
             guidance_scale=guidance_scale,
             seed=seed,
             output_format=output_format,
+            loras=loras,
         )
         self._client()
         await self._ensure_ready()
@@ -196,6 +212,7 @@ class AsyncZImageClient:
         guidance_scale: Optional[float] = None,
         seed: Union[int, Sequence[int], None] = None,
         output_format: Optional[str] = "png",
+        loras: Optional[Mapping[str, Optional[float]]] = None,
     ) -> List[GeneratedImage]:
         """One image per prompt in prompt order; same semantics as ``ZImageClient.generate_many``.
 
@@ -215,6 +232,7 @@ class AsyncZImageClient:
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             output_format=output_format,
+            loras=loras,
         )
         self._client()
         if not requests:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import re
 import sys
 import unicodedata
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, TextIO
+from typing import Iterator, List, Optional, Sequence, TextIO, Tuple
 
 from tqdm import tqdm
 
@@ -75,7 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--timeout-s", type=float, default=120.0, metavar="S", help="per-request deadline (default %(default)s)")
     add("--no-progress", action="store_true", help="never show the progress bar")
     add("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    # LoRA (issue 13)
+    add("--lora", action="append", type=_lora_arg, default=[], metavar="NAME[:SCALE]",
+        help="a LoRA adapter of the server, with its scale (the server's default if omitted); "
+             "repeat for several")
+    add("--list-adapters", action="store_true", help="print the server's LoRA adapters as JSON and exit")
     return parser
+
+
+def _lora_arg(text: str) -> Tuple[str, Optional[float]]:
+    name, sep, scale = text.partition(":")
+    if not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME[:SCALE]")
+    try:
+        return name.strip(), float(scale) if sep else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: scale {scale!r} is not a number") from None
 
 
 def read_prompts(stream: TextIO) -> List[str]:
@@ -125,7 +141,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check arguments; exits with status 2 on usage errors (argparse convention)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.prompt_list = _collect_prompts(args, parser)
+    args.prompt_list = [] if args.list_adapters else _collect_prompts(args, parser)
+    names = [name for name, _ in args.lora]
+    if len(set(names)) != len(names):
+        parser.error("--lora: each adapter may be given once")
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
     if args.wait_s < 0:
@@ -190,6 +209,9 @@ def _run(args: argparse.Namespace) -> int:
         with client, bar:
             if args.wait_s > 0:
                 client.wait_for_ready(args.wait_s)
+            if args.list_adapters:
+                sys.stdout.write(json.dumps(client.adapters(), indent=2, sort_keys=True) + "\n")
+                return EXIT_OK
 
             def on_result(index: int, outcome: object) -> None:
                 # Save as each image arrives so a later failure does not lose earlier work.
@@ -209,6 +231,7 @@ def _run(args: argparse.Namespace) -> int:
                 guidance_scale=args.guidance_scale,
                 seed=args.seed,
                 output_format=args.output_format,
+                loras=dict(args.lora) or None,
             )
     except ZImageError as exc:
         return _report_failure(exc)

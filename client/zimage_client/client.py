@@ -6,7 +6,7 @@ import importlib
 import logging
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from ._calls import Calls
 from ._fanout import ProgressHook, ProgressReporter, build_requests, check_concurrency, collect_results
@@ -15,6 +15,7 @@ from ._tensors import GenerateRequest, parse_result
 from ._transport import Transport
 from .errors import ZImageError
 from .generated_image import GeneratedImage
+from ._tensors import parse_adapter_listing  # LoRA (issue 13)
 
 __all__ = ["ZImageClient"]
 
@@ -218,6 +219,19 @@ class ZImageClient:
             client = self._client()
             return client.get_server_metadata(**self._calls.metadata())
 
+
+    def adapters(self) -> Dict[str, Any]:
+        """The LoRA adapters this server's requests may name (no image is generated):
+        ``{"adapters": {name: {"scale": default}}, "max_adapters_per_request": n,
+        "max_adapter_scale": s, "format": ...}``; no adapters: an empty ``adapters``."""
+        t = self._transport
+        lib = self._lib()
+        self._check_open()
+        self._ensure_ready()
+        with t.translate_errors("adapter listing", t.inference_timeout_s):
+            result = self._client().infer(**self._calls.listing(lib))
+        return parse_adapter_listing(result)
+
     # -- inference --------------------------------------------------------------------
 
     def _infer(self, client: Any, request: GenerateRequest) -> GeneratedImage:
@@ -244,6 +258,7 @@ class ZImageClient:
         guidance_scale: Optional[float] = None,
         seed: Optional[int] = None,
         output_format: Optional[str] = "png",
+        loras: Optional[Mapping[str, Optional[float]]] = None,
     ) -> GeneratedImage:
         """Generate one image.
 
@@ -260,6 +275,7 @@ class ZImageClient:
             guidance_scale=guidance_scale,
             seed=seed,
             output_format=output_format,
+            loras=loras,
         )
         self._check_open()
         self._ensure_ready()
@@ -278,6 +294,7 @@ class ZImageClient:
         guidance_scale: Optional[float] = None,
         seed: Union[int, Sequence[int], None] = None,
         output_format: Optional[str] = "png",
+        loras: Optional[Mapping[str, Optional[float]]] = None,
     ) -> List[GeneratedImage]:
         """Generate one image per prompt, returned in prompt order.
 
@@ -305,6 +322,7 @@ class ZImageClient:
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             output_format=output_format,
+            loras=loras,
         )
         self._check_open()
         if not requests:

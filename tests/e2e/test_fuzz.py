@@ -60,10 +60,10 @@ from zimage_client import ZImageClient
 pytestmark = pytest.mark.e2e
 
 INPUTS = ("PROMPT", "NEGATIVE_PROMPT", "HEIGHT", "WIDTH", "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE",
-          "SEED", "OUTPUT_FORMAT")
+          "SEED", "OUTPUT_FORMAT", "LORA")
 WIRE_DTYPE = {"PROMPT": "BYTES", "NEGATIVE_PROMPT": "BYTES", "HEIGHT": "INT32", "WIDTH": "INT32",
               "NUM_INFERENCE_STEPS": "INT32", "GUIDANCE_SCALE": "FP32", "SEED": "INT64",
-              "OUTPUT_FORMAT": "BYTES"}
+              "OUTPUT_FORMAT": "BYTES", "LORA": "BYTES"}
 NUMPY = {"BYTES": np.object_, "BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16,
          "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8, "UINT16": np.uint16,
          "UINT32": np.uint32, "UINT64": np.uint64, "FP16": np.float16, "FP32": np.float32,
@@ -174,7 +174,9 @@ def verdict(case: Case, count_tokens) -> Verdict:
              "NEGATIVE_PROMPT": lambda b: text_ok(b, count_tokens, nonblank=False),
              "HEIGHT": size_ok, "WIDTH": size_ok, "NUM_INFERENCE_STEPS": steps_ok,
              "GUIDANCE_SCALE": guidance_ok, "SEED": seed_ok,
-             "OUTPUT_FORMAT": lambda b: utf8(b) is not None and format_name(utf8(b)) is not None}
+             "OUTPUT_FORMAT": lambda b: utf8(b) is not None and format_name(utf8(b)) is not None,
+             # The shipped config has no adapters: only an empty LORA names none.
+             "LORA": lambda b: utf8(b) is not None and not utf8(b).strip()}
     bad |= {name for name, values in columns.items() if not all(map(rules[name], values))}
     sizes = list(zip(column("HEIGHT", DEFAULT_SIZE), column("WIDTH", DEFAULT_SIZE)))
     if any(h * w > MAX_PIXELS for h, w in sizes):
@@ -186,8 +188,10 @@ def verdict(case: Case, count_tokens) -> Verdict:
         bad.add("HEIGHT")
     if case.outputs is not None:
         bad |= {o for o in case.outputs if o not in OUTPUT_NAMES}
-        fills, other = ("PIXELS", "IMAGE") if formats[0] == "raw" else ("IMAGE", "PIXELS")
-        if other in case.outputs and fills not in case.outputs:
+        # Named outputs must include the one the format fills, or the whole generation would
+        # end in an empty success.
+        fills = "PIXELS" if formats[0] == "raw" else "IMAGE"
+        if fills not in case.outputs:
             bad.add("OUTPUT_FORMAT")
     return Verdict(bad=bad, sizes=sizes, formats=formats, seeds=column("SEED", None))
 
@@ -256,12 +260,21 @@ FORMAT_VALUES = [
     (2, st.text(max_size=20).map(str.encode)),
     (3, NON_UTF8),
 ]
+# Every name is refused (a path or a URL included): the shipped config has no adapters.
+LORA_VALUES = [
+    (90, st.sampled_from(["", " ", "\t"]).map(str.encode)),
+    (8, st.sampled_from(["ink", "ink:0.5", "../ink.safetensors", "/etc/passwd", ",",
+                         "https://example.com/x.safetensors", "ink:nan", "a,b,c"]).map(
+        str.encode)),
+    (2, NON_UTF8),
+]
 VALUES = {"PROMPT": text_values(nonblank=True), "NEGATIVE_PROMPT": text_values(nonblank=False),
           "HEIGHT": SIZE_VALUES, "WIDTH": SIZE_VALUES, "NUM_INFERENCE_STEPS": STEP_VALUES,
-          "GUIDANCE_SCALE": GUIDANCE_VALUES, "SEED": SEED_VALUES, "OUTPUT_FORMAT": FORMAT_VALUES}
+          "GUIDANCE_SCALE": GUIDANCE_VALUES, "SEED": SEED_VALUES, "OUTPUT_FORMAT": FORMAT_VALUES,
+          "LORA": LORA_VALUES}
 # How often an input is left out (percent).
 ABSENT = {"PROMPT": 3, "NEGATIVE_PROMPT": 70, "NUM_INFERENCE_STEPS": 5, "GUIDANCE_SCALE": 50,
-          "SEED": 30, "OUTPUT_FORMAT": 40}
+          "SEED": 30, "OUTPUT_FORMAT": 40, "LORA": 80}
 
 
 def _affordable(name: str, value) -> bool:
@@ -525,6 +538,8 @@ CLASSICS = {
     "NUL bytes in the prompt": ({"PROMPT": b"a\x00b\x00"}, set()),
     "special tokens in the prompt": ({"PROMPT": b"<|im_end|><|im_start|>system"}, set()),
     "' JPG ' format": ({"OUTPUT_FORMAT": b" JPG "}, set()),
+    "a path as adapter": ({"LORA": b"/etc/passwd"}, {"LORA"}),
+    "a URL as adapter": ({"LORA": b"https://example.com/x.safetensors"}, {"LORA"}),
 }
 # Each side of every rule's edge. The rules are the model's, not the protocol's: sent over
 # gRPC only, since the allowed edges (2048 high, 50 steps) cost seconds on a CPU.
@@ -547,6 +562,7 @@ EDGES = {
     "png, naming PIXELS": ({}, {"OUTPUT_FORMAT"}, ["PIXELS", "SEED"]),
     "raw, naming PIXELS": ({"OUTPUT_FORMAT": b"raw"}, set(), ["PIXELS"]),
     "png, naming both image outputs": ({}, set(), ["IMAGE", "PIXELS"]),
+    "png, naming SEED and METADATA only": ({}, {"OUTPUT_FORMAT"}, ["SEED", "METADATA"]),
 }
 
 

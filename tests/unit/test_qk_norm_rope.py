@@ -118,10 +118,15 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def test_kernel_matches_the_torch_code_in_triton_interpreter():
+def in_triton_interpreter(code: str) -> subprocess.CompletedProcess:
+    """Runs `code` in a child Python with TRITON_INTERPRET set, from the repository root."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run([sys.executable, "-c", _CHILD], env=env, cwd=root,
-                            capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_kernel_matches_the_torch_code_in_triton_interpreter():
+    result = in_triton_interpreter(_CHILD)
     assert result.returncode == 0 and "kernel ok" in result.stdout, result.stderr[-3000:]
