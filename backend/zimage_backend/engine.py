@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from . import adapters, optimizations, random_models
+from . import optimizations, random_models
 from .request import GenerationRequest
 from .settings import Settings
 
@@ -107,6 +107,7 @@ class Engine:
         self.report = optimized.report
         self.attention_backend = optimized.attention_backend
         self.graphed = optimized.graphed
+        self.lora = optimized.lora
         self.load_seconds = time.perf_counter() - started
         self.warmup_seconds = self._warmup()
         log.info("engine ready on %s (%s, weights: %s): load %.1f s, warmup %.1f s",

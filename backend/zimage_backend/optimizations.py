@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from . import float8, fusion
+from . import adapters, float8, fusion
 from .settings import Optimizations, Settings
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class Context:
     attention_backend: str = "native"
     unmasked_attention_backend: str | None = None
     graphed: frozenset[str] = frozenset()  # compiled modules that replay CUDA graphs
+    lora: object = None  # adapters.LoraBank when config.yaml has adapters
 
     @property
     def opts(self) -> Optimizations:
@@ -83,7 +84,7 @@ _NEEDS_CUDA = "needs CUDA; this instance runs on the CPU"
 @dataclasses.dataclass(frozen=True)
 class Step:
     switch: str
-    enabled: Callable[[Optimizations], bool]
+    enabled: Callable[[Optimizations], bool]  # config.yaml's optimizations section
     # Why the step cannot run on this instance, or None.
     requirement: Callable[[Context], str | None]
     # Does the step and says what it did; raises CheckFailed when its check fails.
@@ -136,6 +137,21 @@ def _fp8(ctx: Context) -> str:
     count = float8.quantize_transformer(ctx.pipe.transformer, ctx.device)
     return (f"{count} linear layers: float8 e4m3, per-row scales; products checked against "
             f"bfloat16 at {tokens} tokens")
+
+
+def _adapters_requirement(ctx: Context) -> str | None:
+    return None if ctx.settings.adapters else "no adapters in config.yaml"
+
+
+def _adapters(ctx: Context) -> str:
+    # After the rewrites: the adapters' low-rank products sit beside the fused and quantized
+    # products they target, and compile traces them with the rest.
+    ctx.lora = adapters.install(ctx.pipe.transformer, ctx.settings, ctx.device,
+                                next(ctx.pipe.transformer.parameters()).dtype)
+    if ctx.lora is None:
+        raise _Skipped("limits.max_adapters_per_request is 0")
+    return (f"{len(ctx.settings.adapters)} adapter(s), {len(ctx.lora.layers)} products, "
+            f"{ctx.lora.slots} slots of rank {ctx.lora.rank}")
 
 
 # ------------------------------------------------------------------------------ placement
@@ -381,6 +397,7 @@ STEPS: tuple[Step, ...] = (
     Step("fuse_projections", lambda o: o.fuse_projections, _always, _fuse),
     Step("qk_norm_rope", lambda o: o.qk_norm_rope, _qk_norm_rope_requirement, _qk_norm_rope),
     Step("fp8", lambda o: o.fp8, _fp8_requirement, _fp8),
+    Step("adapters", lambda o: True, _adapters_requirement, _adapters),
     # Placement.
     Step("memory_mode", lambda o: True, _always, _place),
     # Flags.

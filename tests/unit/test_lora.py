@@ -257,7 +257,7 @@ _QK_CHILD = textwrap.dedent("""
     pairs = random_adapters.factors(random_adapters.module_shapes(transformer), RANK, seed=9,
                                     b_std=B_STD)
     expected = _forward(_merged(transformer, pairs, 0.7), 0)
-    kernel = lambda t: fusion.attach_qk_norm_rope_kernel(t, torch.device("cpu"))
+    kernel = lambda t: fusion.attach_qk_norm_rope(t, torch.device("cpu"))
     fused, _ = _banked(transformer, pairs, 0.7, rewrite=kernel)
     assert fused.layers[0].attention.processor.qk_kernel is not None
     got = _forward(fused, 0)

@@ -21,7 +21,8 @@ def test_loras_become_one_lora_row_the_server_parses_back():
     assert text == b"film-grain, ink:0.30000000000000004"
     registry = {"ink": AdapterSettings("/x", None, None, 1.0),
                 "film-grain": AdapterSettings("/y", None, None, 0.5)}
-    limits = Limits(64, 2048, 2**22, 50, 20.0, 512, 4, 2**20, 2, 4.0)
+    limits = Limits(64, 2048, 2**22, 50, 20.0, 512, 4, 2**20, gpu_memory_gib=None,
+                    max_adapters_per_request=2, max_adapter_scale=4.0)
     # Exactly the scales asked for, and the registry's default where none was given.
     assert parse_lora(text.decode(), registry, limits) == (("film-grain", 0.5),
                                                            ("ink", 0.1 + 0.2))

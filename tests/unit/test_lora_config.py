@@ -44,7 +44,7 @@ def test_registry_entries_are_typed(settings):
     ("ink", dict(HUB, file="ink.bin"), "adapters.ink.file: 'ink.bin' must be a .safetensors"),
     ("ink", dict(HUB, file="../../etc/x.safetensors"), "must be a .safetensors file inside"),
     ("ink", {"source": "/x.safetensors", "scale": 1.0}, r"adapters.ink: missing key\(s\) file"),
-    ("ink", dict(LOCAL, weight=1.0), r"adapters.ink: unknown key\(s\) weight"),
+    ("ink", dict(LOCAL, weight=1.0), r"adapters\.ink\.weight: unknown key; known keys here: file, revision, scale, source"),
 ])
 def test_bad_registry_entries_name_the_key(data, name, entry, message):
     data["adapters"] = {name: entry}
