@@ -116,7 +116,7 @@ def _compiles() -> int:
 
 
 def through_server(config: Path, baseline: Path, args) -> dict:
-    from zimage_backend.launcher import TritonServer
+    from zimage_backend.triton_process import TritonServer
     from zimage_client import ZImageClient
 
     env = {"TORCH_LOGS": "recompiles"}  # each recompile in the instance writes a log line

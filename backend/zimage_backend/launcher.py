@@ -52,6 +52,11 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, extra
 
 
+# How often a ready server's model readiness is checked, and the exit code once it is gone.
+READY_POLL_S = 1.0
+EXIT_LEFT_SERVICE = 3
+
+
 def _exit_status(code: int) -> int:
     # Popen reports death by signal N as -N; shells report it as 128 + N.
     return code if code >= 0 else 128 - code
@@ -103,8 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "model %r ready: HTTP http://%s  gRPC %s  metrics http://%s/metrics",
                 args.model, server.http_url, server.grpc_url, server.metrics_url,
             )
-            while (code := server.returncode) is None and not shutdown.wait(0.5):
-                pass
+            while (code := server.returncode) is None and not shutdown.wait(READY_POLL_S):
+                if not server.is_ready() and server.returncode is None:
+                    # The model unloads itself when its GPU breaks (model.py): a restarted
+                    # process gets a fresh CUDA context, so exit for the supervisor to restart.
+                    LOGGER.error("model %r left service (see the server log above); stopping "
+                                 "tritonserver so that the container can be restarted",
+                                 args.model)
+                    server.stop()
+                    return EXIT_LEFT_SERVICE
         if code is None:
             LOGGER.info("%s received; stopping tritonserver", received[0])
             code = server.stop()

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Sequence
 
-from zimage_backend.launcher import free_port
+from zimage_backend.triton_process import free_port
 
 # Two API keys, so that per-key limits can be told apart.
 KEYS = ("test-key-alpha-0123456789", "test-key-bravo-0123456789")

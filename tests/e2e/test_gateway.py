@@ -21,7 +21,7 @@ from PIL import Image
 from tests.e2e.gateway_process import KEYS, GatewayProcess
 from tests.e2e.helpers import metric, scrape
 from tests.e2e.test_cancellation import RUN_BEFORE_CANCEL_S, SLOW_SIZE, SLOW_STEPS, Cancellation
-from zimage_backend.launcher import free_port
+from zimage_backend.triton_process import free_port
 from zimage_client import ZImageClient
 
 pytestmark = pytest.mark.e2e

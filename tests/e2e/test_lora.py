@@ -24,7 +24,8 @@ from tests.e2e.helpers import (
 )
 from zimage_backend import random_adapters, random_models
 from zimage_backend.engine import Engine
-from zimage_backend.launcher import TritonServer, TritonServerError
+from zimage_backend.triton_error import TritonServerError
+from zimage_backend.triton_process import TritonServer
 from zimage_backend.settings import parse_settings
 from zimage_client import AsyncZImageClient, InvalidRequestError, ZImageClient
 

@@ -23,7 +23,7 @@ from tests.conftest import CONFIG, ROOT
 from tests.e2e.helpers import UNAVAILABLE_STATUS, new_client, outcome_label, send
 from tests.e2e.test_fuzz import FUZZ, Case, cases, classic
 from zimage_backend import audit
-from zimage_backend.launcher import TritonServer
+from zimage_backend.triton_process import TritonServer
 from zimage_client import ZImageClient
 
 pytestmark = pytest.mark.e2e
