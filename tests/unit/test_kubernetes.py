@@ -43,6 +43,9 @@ KUSTOMIZATION = ("kustomize.config.k8s.io/v1beta1", "Kustomization")
 CUSTOM_KINDS = {SERVICEMONITOR, KUSTOMIZATION}
 
 HEALTH_READY = "/v2/health/ready"
+# Readiness asks for the model itself: a broken GPU unloads it, and Triton's server readiness
+# turns true again once no model is left to wait for.
+MODEL_READY = "/v2/models/zimage/ready"
 HEALTH_LIVE = "/v2/health/live"
 DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 DURATION = re.compile(r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$")
@@ -237,7 +240,7 @@ def probe_problems(deployment: dict[str, Any]) -> list[str]:
     container = _container(deployment)
     http_port = {p["name"]: p["containerPort"] for p in container["ports"]}.get("http")
     problems = []
-    wanted = {"readinessProbe": {HEALTH_READY}, "livenessProbe": {HEALTH_LIVE},
+    wanted = {"readinessProbe": {MODEL_READY}, "livenessProbe": {HEALTH_LIVE},
               "startupProbe": {HEALTH_READY, HEALTH_LIVE}}
     for probe_name, paths in wanted.items():
         probe = container.get(probe_name)
@@ -324,7 +327,7 @@ CONTAINER = ("spec", "template", "spec", "containers", 0)
 
 
 @pytest.mark.parametrize("mutate", [
-    _set(CONTAINER + ("readinesProbe",), {"httpGet": {"path": HEALTH_READY, "port": "http"}}),
+    _set(CONTAINER + ("readinesProbe",), {"httpGet": {"path": MODEL_READY, "port": "http"}}),
     _set(CONTAINER + ("ports", 0, "containerPort"), "8000/tcp"),
     _delete(("spec", "selector")),
     _set(CONTAINER + ("securityContext", "privilegd"), False),
