@@ -118,9 +118,9 @@ class Engine:
             self._apply_memory_budget()
             log.info("GPU memory held by the instance on %s: %s", device, self.memory_by_gpu())
         self._calls, self._profile_call = 0, int(os.environ.get(PROFILE_ENV) or 0)
-        # The pipeline's ~430,000 Python objects live as long as the process. Left to the
-        # collector, each full collection walked them all: ~0.5 s on a CPU, every few requests,
-        # while the next request waited in Triton's queue. Frozen, collections skip them.
+        # The pipeline's Python objects live as long as the process. Left to the collector,
+        # every few requests a full collection walked them all while the next request waited in
+        # Triton's queue (README, Performance: the CPU server). Frozen, collections skip them.
         gc.collect()
         gc.freeze()
         self._fault_call = int(os.environ.get(FAULT_ENV) or 0)

@@ -1,10 +1,10 @@
 """One Triton kernel for the q/k RMS norms and the rotary embedding of every attention block.
 
 It reads q, k and v once from the fused qkv product, normalizes and rotates each head of q and
-k, and writes all three in the [batch, heads, seq, head_dim] layout the attention kernels read.
-torch.compile made two reduction kernels of the same work; on an H100 at 1024x1024 they took
-72 us each per block (about 1.3 TB/s), this one 82 us (22.5 against 40.3 ms per
-image). It rounds where diffusers' eager code rounds (the norm's output to the weight's dtype
+k, and writes all three in the [batch, heads, seq, head_dim] layout the attention kernels read,
+where torch.compile made two reduction kernels of the same work (measured:
+bench/results/2026-11-26-h100-c/results.md, bench/results/2026-12-01-h200/NOTES.md). The Triton
+code is in qk_norm_rope_triton.py. It rounds where diffusers' eager code rounds (the norm's output to the weight's dtype
 before the weight, the weighted output before the rotation), so it computes what that code does
 up to the order of a float32 sum.
 
@@ -20,9 +20,8 @@ import torch
 
 from .rope import apply_rotary
 
-# Tokens per program and warps: measured on an H100 at 4160 tokens, 30 heads of 128, q and k
-# alone: 58 us at 8 tokens and 2 warps, 89 us at 16, 155 us at 32 (a plain copy of the same
-# tiles: 46 us).
+# Tokens per program and warps, tuned on an H100 at 4160 tokens, 30 heads of 128: fewer tokens
+# per program were faster (bench/results/2026-11-26-h100-c/NOTES.md).
 _BLOCK_S, _WARPS = 8, 2
 
 
