@@ -9,6 +9,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -261,3 +263,23 @@ class LogWatch:
 
 def metadata_of(outputs: dict[str, np.ndarray]) -> list[dict]:
     return [json.loads(row[0]) for row in outputs.get("METADATA", [])]
+
+
+def perf_analyzer(server, tmp_path: Path, steps: int, args: Sequence[str],
+                  timeout_s: float = 300) -> str:
+    """perf/perf_analyzer.sh over gRPC with the shipped inputs made CPU-sized (64x64, `steps`
+    steps); asserts it exited 0 and returns its output."""
+    root = Path(__file__).resolve().parents[2]
+    data = json.loads((root / "perf" / "inputs.json").read_text())
+    for row in data["data"]:  # the shipped file is for GPUs
+        row.update(HEIGHT=[64], WIDTH=[64], NUM_INFERENCE_STEPS=[steps])
+    inputs = tmp_path / "inputs.json"
+    inputs.write_text(json.dumps(data))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    run = subprocess.run([str(root / "perf" / "perf_analyzer.sh"), str(inputs), "-i", "grpc",
+                          "-u", server.grpc_url, *args],
+                         capture_output=True, text=True, timeout=timeout_s, env=env)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output
+    return output
+

@@ -4,16 +4,11 @@ every few requests, so perf_analyzer at concurrency 1 showed p50 50 ms and p90 5
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.e2e.helpers import perf_analyzer
 
 pytestmark = pytest.mark.e2e
 
@@ -23,20 +18,10 @@ def percentiles(output: str) -> dict[str, float]:
 
 
 def test_p90_is_within_one_and_a_half_times_p50(server, tmp_path):
-    data = json.loads((ROOT / "perf" / "inputs.json").read_text())
-    for row in data["data"]:
-        row.update(HEIGHT=[64], WIDTH=[64], NUM_INFERENCE_STEPS=[8])
-    inputs = tmp_path / "inputs.json"
-    inputs.write_text(json.dumps(data))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    run = subprocess.run(
-        [str(ROOT / "perf" / "perf_analyzer.sh"), str(inputs), "-i", "grpc", "-u",
-         server.grpc_url, "--concurrency-range", "1", "--measurement-mode", "count_windows",
-         "--measurement-request-count", "60", "--max-trials", "3",
-         "--stability-percentage", "1000"],
-        capture_output=True, text=True, timeout=300, env=env)
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, output
+    output = perf_analyzer(server, tmp_path, 8, [
+        "--concurrency-range", "1", "--measurement-mode", "count_windows",
+        "--measurement-request-count", "60", "--max-trials", "3",
+        "--stability-percentage", "1000"])
     found = percentiles(output)
     assert set(found) == {"p50", "p90"}, output
     assert found["p90"] <= 1.5 * found["p50"], found
