@@ -654,7 +654,8 @@ _HEADER = json.dumps({"inputs": [
     {"name": "HEIGHT", "datatype": "INT32", "shape": [1, 1], "data": [64]},
     {"name": "WIDTH", "datatype": "INT32", "shape": [1, 1], "data": [64]},
     {"name": "NUM_INFERENCE_STEPS", "datatype": "INT32", "shape": [1, 1], "data": [1]}],
-    "outputs": [{"name": "SEED"}]}).encode()
+    # IMAGE too: a request that names outputs without the one its format fills is refused.
+    "outputs": [{"name": "SEED"}, {"name": "IMAGE", "parameters": {"binary_data": True}}]}).encode()
 
 
 def _json(*inputs):
