@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import gc
 import logging
 import os
 import time
@@ -118,11 +117,6 @@ class Engine:
             self._apply_memory_budget()
             log.info("GPU memory held by the instance on %s: %s", device, self.memory_by_gpu())
         self._calls, self._profile_call = 0, int(os.environ.get(PROFILE_ENV) or 0)
-        # The pipeline's Python objects live as long as the process. Left to the collector,
-        # every few requests a full collection walked them all while the next request waited in
-        # Triton's queue (README, Performance: the CPU server). Frozen, collections skip them.
-        gc.collect()
-        gc.freeze()
         self._fault_call = int(os.environ.get(FAULT_ENV) or 0)
 
     def _apply_memory_budget(self) -> None:
