@@ -70,8 +70,9 @@ def test_queue_refusals_are_typed_and_counted_as_documented(server, tally):
                       timeout=300_000, client_timeout=ANSWER_TIMEOUT_S)
         assert type(map_triton_error(timed_out.value)) is QueueTimeoutError, timed_out.value
 
-        fillers = [raw.async_infer(MODEL, infer_inputs("grpc", _tensors(b"filler", 64, 1)), on_answer,
-                                   client_timeout=ANSWER_TIMEOUT_S) for _ in range(max_queue)]
+        for _ in range(max_queue):
+            raw.async_infer(MODEL, infer_inputs("grpc", _tensors(b"filler", 64, 1)), on_answer,
+                            client_timeout=ANSWER_TIMEOUT_S)
         assert _wait_for_pending(server, max_queue) == max_queue
         full = {}
         for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
