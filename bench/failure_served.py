@@ -25,7 +25,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from bench.common import ROOT, config_with, stamp, write_json
+from bench.common import config_with, stamp, write_json
+from bench.server import start
 from zimage_backend.triton_process import TritonServer
 
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -75,15 +76,6 @@ def model_ready(server: TritonServer) -> bool:
         return False
 
 
-def start(config: Path, log_file: Path, env: dict[str, str]) -> TritonServer:
-    server = TritonServer(ROOT / "model_repository", config_path=config, http_port=0,
-                          grpc_port=0, metrics_port=0, log_file=log_file, extra_env=env,
-                          ready_timeout_s=900)
-    server.start()
-    server.wait_until_ready(900)
-    return server
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--large", type=int, default=2048, help="side of the image that must "
@@ -111,7 +103,7 @@ def main() -> None:
     # little more than that: a budget halfway to what the large image held without one (28.5
     # GiB) still let it through, cuDNN falling back to convolutions that need less workspace
     # (bench/results/2026-12-01-h200/NOTES.md).
-    server = start(config_with(base), args.work / "calibrate.log", {})
+    server, _ = start(config_with(base), args.work / "calibrate.log", {})
     try:
         normal = infer(server, "calibration", args.normal, args.steps, 1)
         held_normal = memory_gib(server)
@@ -123,8 +115,8 @@ def main() -> None:
         if held_normal else None  # no gauges on a CPU instance
 
     # 2 and 3. The budget; the fourth pipeline call after ready breaks the device.
-    server = start(config_with({**base, "limits.gpu_memory_gib": budget}),
-                   args.work / "budget.log", {"ZIMAGE_FAULT_CALL": "4"})
+    server, _ = start(config_with({**base, "limits.gpu_memory_gib": budget}),
+                      args.work / "budget.log", {"ZIMAGE_FAULT_CALL": "4"})
     try:
         first = infer(server, "a normal image", args.normal, args.steps, 3)
         before = memory_gib(server)

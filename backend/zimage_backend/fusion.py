@@ -81,10 +81,11 @@ def attach_qk_norm_rope(transformer: nn.Module, device: torch.device) -> str | N
     op = qk_norm_rope.operator()
     if op is None:
         return "Triton is not installed"
-    shapes = {(attn.heads, attn.norm_q.weight.numel() if attn.norm_q is not None else 0,
-               attn.norm_q.eps if attn.norm_q is not None else None) for attn in attentions}
     if any(attn.norm_q is None or attn.norm_k is None or attn.norm_q.eps != attn.norm_k.eps
-           for attn in attentions) or len(shapes) != 1:
+           for attn in attentions):
+        return "attention without q/k norms of one shape"
+    shapes = {(attn.heads, attn.norm_q.weight.numel(), attn.norm_q.eps) for attn in attentions}
+    if len(shapes) != 1:
         return "attention without q/k norms of one shape"
     [(heads, head_dim, eps)] = shapes
     if not qk_norm_rope.fits(heads, head_dim):
