@@ -126,7 +126,8 @@ for _ in range(900):
         "$Z/venv/bin/python3" -m bench.gateway \
         --gateway-url http://127.0.0.1:18080 --grpc-url grpc://127.0.0.1:18001 --size 1024 \
         --steps 8 --repeats 12 --out "$OUT/gateway_1024.json"
-      kill $gpid; kill -INT $spid; wait $spid ;;
+      # served runs in a subshell: the launcher is its child, and SIGINT must reach it.
+      kill $gpid; pkill -INT -P $spid; wait $spid ;;
     lora)
       inproc -m bench.lora --out "$OUT/lora_engine.json" ;;
     servelora)

@@ -41,7 +41,8 @@ def _recompile(engine: Engine, dynamic: bool | None) -> None:
     compile_step = tuple(s for s in optimizations.STEPS if s.switch == "torch_compile")
     optimized = optimizations.optimize(optimizations.Context(
         pipe=engine.pipe, settings=engine.settings, device=engine.device,
-        report=optimizations.Report(), run_once=engine._first_run), compile_step)
+        report=optimizations.Report(), run_once=engine._first_run, lora=engine.lora),
+        compile_step)
     engine.graphed = optimized.graphed
 
 

@@ -92,6 +92,7 @@ class Engine:
             torch.cuda.set_device(device)
         self._calls, self._profile_call, self._fault_call = 0, 0, 0  # from ready on, below
         self.graphed: frozenset[str] = frozenset()  # modules replaying CUDA graphs
+        self.lora = None  # adapters.LoraBank when config.yaml has adapters
         started = time.perf_counter()
         self.pipe = load_pipeline(settings, device, self.dtype)
         self.pipe.set_progress_bar_config(disable=True)
@@ -147,10 +148,10 @@ class Engine:
                                  guidance_scale=self.settings.defaults.guidance_scale, seed=0,
                                  output_format="raw")
 
-    def _first_run(self, graphed: frozenset[str]) -> None:
-        """One step at the default size, with `graphed` the modules that replay CUDA graphs:
-        compiled code is first traced, and made static, for the size served most."""
-        self.graphed = graphed
+    def _first_run(self, ctx: optimizations.Context) -> None:
+        """One step at the default size with what the optimization steps so far left: compiled
+        code is first traced, and made static, for the size served most."""
+        self.graphed, self.lora = ctx.graphed, ctx.lora
         defaults = self.settings.defaults
         self.run([dataclasses.replace(self._request("first run", 0, 1), height=defaults.height,
                                       width=defaults.width)])

@@ -36,7 +36,10 @@ class Report:
 
     def add(self, switch: str, status: str, detail: str = "") -> None:
         self.outcomes.append(Outcome(switch, status, detail))
-        log.info("optimization %-26s %-8s %s", switch, status, detail)
+        # A fallback serves slower code than configured (eager code for a failed compile):
+        # an operator must see it.
+        log.log(logging.WARNING if status == "fallback" else logging.INFO,
+                "optimization %-26s %-8s %s", switch, status, detail)
 
     def status(self, switch: str) -> str:
         return next(o.status for o in reversed(self.outcomes) if o.switch == switch)
@@ -58,9 +61,9 @@ class Context:
     settings: Settings
     device: torch.device
     report: Report
-    # One pipeline run through the engine, given the modules that replay CUDA graphs (compile's
-    # check).
-    run_once: Callable[[frozenset[str]], None]
+    # One pipeline run through the engine with what the steps so far left (the modules that
+    # replay CUDA graphs, the adapter bank): compile's check.
+    run_once: Callable[[Context], None]
     attention_backend: str = "native"
     unmasked_attention_backend: str | None = None
     graphed: frozenset[str] = frozenset()  # compiled modules that replay CUDA graphs
@@ -375,7 +378,7 @@ def _compile(ctx: Context) -> str:
         done.append(f"not text_encoder (memory_mode {ctx.opts.memory_mode} streams it)")
     ctx.graphed = frozenset(graphed)
     try:
-        ctx.run_once(ctx.graphed)
+        ctx.run_once(ctx)
     except Exception as exc:  # noqa: BLE001 - compiled code that fails is not served
         for _, module in modules:
             module._compiled_call_impl = None

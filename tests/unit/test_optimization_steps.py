@@ -141,7 +141,7 @@ def test_unmasked_calls_can_have_their_own_backend(fresh_pipe, tiny_settings, mo
 
 
 def test_a_failed_compiled_run_falls_back_to_eager_code(fresh_pipe, tiny_settings):
-    def fails(graphed):
+    def fails(ctx):
         raise RuntimeError("InductorError: triton compile failed")
 
     ctx = _context(fresh_pipe, tiny_settings, run_once=fails)
@@ -151,3 +151,32 @@ def test_a_failed_compiled_run_falls_back_to_eager_code(fresh_pipe, tiny_setting
     compiled = [m for _, m in optimizations._compiled_modules(ctx)]
     assert compiled and all(m._compiled_call_impl is None for m in compiled)
     assert ctx.graphed == frozenset()
+
+
+@pytest.mark.parametrize("with_adapters", [False, True], ids=["no-adapters", "adapters"])
+def test_the_compile_check_is_the_engines_own_run(tiny_settings, with_adapters, monkeypatch,
+                                                  tmp_path):
+    """The compiled first run goes through Engine.run before the engine holds the steps'
+    results: it must see what the earlier steps left. When it read the adapter bank from the
+    engine, every GPU server served eager code ('Engine' object has no attribute 'lora')."""
+    from zimage_backend import random_adapters
+    from zimage_backend.engine import Engine
+    from zimage_backend.settings import AdapterSettings
+
+    # The check's run is under test, not inductor: compiling does nothing here.
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: None)
+    steps = tuple(dataclasses.replace(s, requirement=optimizations._always)
+                  if s.switch == "torch_compile" else s for s in optimizations.STEPS)
+    optimize = optimizations.optimize
+    monkeypatch.setattr(optimizations, "optimize", lambda ctx: optimize(ctx, steps))
+    settings = tiny_settings
+    if with_adapters:
+        shapes = random_adapters.module_shapes(build_tiny_pipeline(0).transformer)
+        path = random_adapters.write(tmp_path / "a.safetensors",
+                                     random_adapters.factors(shapes, 2, seed=1), "diffusers")
+        settings = dataclasses.replace(settings, adapters={
+            "a": AdapterSettings(source=str(path), file=None, revision=None, scale=1.0)})
+    engine = Engine(settings, torch.device("cpu"))
+    outcome = engine.report.as_dict()["torch_compile"]
+    assert outcome["status"] == "applied", outcome["detail"]
+    assert (engine.lora is not None) == with_adapters

@@ -29,7 +29,7 @@ def _inputs(seed: int):
     return latents, torch.tensor([0.3, 0.7]), captions
 
 
-def _context(pipe, settings, device="cpu", run_once=lambda graphed: None):
+def _context(pipe, settings, device="cpu", run_once=lambda ctx: None):
     return optimizations.Context(pipe=pipe, settings=settings, device=torch.device(device),
                                  report=optimizations.Report(), run_once=run_once)
 
