@@ -153,7 +153,12 @@ def through_server(config: Path, baseline: Path, args) -> dict:
         recompiles = _recompile_lines(log) - before
         listing = client.adapters()
     text = log.read_text(errors="replace")
+    # A server that fell back to eager code would time something else than the shipped config.
+    compile_outcome = {path.stem: re.findall(r"optimization torch_compile\s+(\w+)",
+                                             path.read_text(errors="replace"))
+                       for path in (folder / "plain.log", log) if path.exists()}
     return {"latency": latency, "recompiles_on_switch": recompiles,
+            "torch_compile": compile_outcome,
             "recompiles_counted_by": "'Recompiling function' lines (TORCH_LOGS=recompiles)",
             "startup_log": re.findall(r"zimage_backend\.adapters: (.*)", text),
             "listing": listing}
