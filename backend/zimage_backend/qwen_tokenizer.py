@@ -90,27 +90,61 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
+def _byte_symbols() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as a printable character, as the `tokenizers`
+    library's ByteLevel pre-tokenizer writes it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    extra = (b for b in range(256) if b not in printable)
+    symbols = {b: chr(b) for b in printable}
+    symbols.update((b, chr(256 + i)) for i, b in enumerate(extra))
+    return symbols
+
+
+def vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The BPE vocabulary and merges that reproduce tiktoken's ranks, derived as transformers'
+    TikTokenConverter does (written out here: its API moved between versions): each token of
+    two or more bytes is merged from every split into two tokens, ordered by the token's rank,
+    then by its parts' ranks."""
+    symbols = _byte_symbols()
+
+    def text(token: bytes) -> str:
+        return "".join(symbols[b] for b in token)
+
+    merges = []
+    for token, rank in ranks.items():
+        splits = [(ranks[token[:i]], ranks[token[i:]], token[:i], token[i:])
+                  for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += [(rank, left_rank, right_rank, left, right)
+                   for left_rank, right_rank, left, right in splits]
+    merges.sort(key=lambda m: m[:3])
+    return ({text(t): r for t, r in ranks.items()},
+            [(text(left), text(right)) for *_, left, right in merges])
+
+
 def build(path: Path | None = None):
-    """The tokenizer: byte-level BPE whose merges come from the ranks (transformers'
-    TikTokenConverter derives them), Qwen's pre-tokenizer and NFC normalizer, Qwen3's added
-    tokens at their ids, and a Qwen3-like chat template."""
-    from tokenizers import AddedToken, normalizers
+    """The tokenizer: byte-level BPE with merges from the ranks, Qwen's pre-tokenizer and NFC
+    normalizer, Qwen3's added tokens at their ids, and Qwen3's chat template."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
 
     path = path or ranks_path()
     ranks = load_ranks(path)
     if sorted(ranks.values()) != list(range(FIRST_ADDED_ID)):
         raise ValueError(f"{path}: expected ranks 0 to {FIRST_ADDED_ID - 1}, one per token, "
                          f"got {len(ranks)} tokens")
-
-    class Converter(TikTokenConverter):
-        @staticmethod
-        def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:
-            return ranks  # read above, without the tiktoken package
-
-    tokenizer = Converter(vocab_file=str(path), pattern=PATTERN).converted()
+    vocab, merges = vocab_and_merges(ranks)
+    tokenizer = Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
+    if hasattr(tokenizer.model, "ignore_merges"):
+        # A pre-token that is itself a token is that token, as tiktoken encodes it.
+        tokenizer.model.ignore_merges = True
     tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     tokenizer.add_tokens([AddedToken(content, normalized=False, special=special)
                           for content, special in ADDED_TOKENS])
     # built_from is saved in tokenizer_config.json: a saved copy says what it is.
