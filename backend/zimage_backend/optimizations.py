@@ -133,14 +133,15 @@ def _fp8_requirement_for(module: Callable[[Context], torch.nn.Module],
     return requirement
 
 
-def _fp8_for(module: Callable[[Context], torch.nn.Module], setting: str,
+def _fp8_for(module: Callable[[Context], torch.nn.Module], key: str,
              tokens: Callable[[Context], int]) -> Callable[[Context], str]:
-    """The FP8 step of one model: its keep-bf16 patterns checked against its module names (an
-    unmatched pattern is a startup error, raised, not a fallback), each product shape checked
-    against bf16, then the layers replaced."""
+    """The FP8 step of one model: its keep-bf16 patterns (optimizations.`key`) checked against
+    its module names (an unmatched pattern is a startup error, raised, not a fallback), each
+    product shape checked against bf16, then the layers replaced."""
+    setting = f"optimizations.{key}"
+
     def apply(ctx: Context) -> str:
         model, rows = module(ctx), tokens(ctx)
-        key = setting.removeprefix("optimizations.")
         selection = float8.select(model, getattr(ctx.opts, key), setting)
         if (why := float8.check_products(model, selection.fp8, ctx.device, rows)) is not None:
             raise CheckFailed(why)
@@ -159,11 +160,11 @@ def _text_encoder(ctx: Context) -> torch.nn.Module:
 
 
 _fp8_requirement = _fp8_requirement_for(_transformer, "transformer")
-_fp8 = _fp8_for(_transformer, "optimizations.fp8_keep_bf16",
+_fp8 = _fp8_for(_transformer, "fp8_keep_bf16",
                 lambda ctx: float8.served_tokens(ctx.settings))
 _fp8_text_encoder_requirement = _fp8_requirement_for(_text_encoder, "text encoder")
 # A prompt's rows: at most limits.max_prompt_tokens.
-_fp8_text_encoder = _fp8_for(_text_encoder, "optimizations.fp8_text_encoder_keep_bf16",
+_fp8_text_encoder = _fp8_for(_text_encoder, "fp8_text_encoder_keep_bf16",
                              lambda ctx: ctx.settings.limits.max_prompt_tokens)
 
 
