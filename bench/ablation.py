@@ -305,8 +305,10 @@ def main() -> None:
             bench.measure_batch(size, batch)
 
     if float8.supported(engine.device) is None:
-        count = float8.quantize_transformer(engine.pipe.transformer)
-        fp8_images = bench.measure("fp8", "on", f"{count} linear layers in float8")
+        transformer, keep = engine.pipe.transformer, settings.optimizations.fp8_keep_bf16
+        selection = float8.select(transformer, keep, "optimizations.fp8_keep_bf16")
+        float8.quantize(transformer, selection.fp8)
+        fp8_images = bench.measure("fp8", "on", selection.describe())
         extra["fp8_deviation"] = deviation(fp8_images, reference)
         print("fp8 deviation from bf16, same seeds:", extra["fp8_deviation"], flush=True)
         if args.profile:

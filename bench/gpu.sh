@@ -24,6 +24,8 @@
 #   serve1    serve from that cache without the restart, one request profiled
 #   servefp8  latency through the server with optimizations.fp8 on (GPU 0), and the
 #             deviation of its images from serve's bf16 images of the same seeds
+#   quality   FP8 against bf16 in-process on bench/quality.py's prompts and seeds (PSNR, SSIM;
+#             dummy weights: says nothing about quality, checks the script and the recipe)
 #   lora      LoRA adapters in-process (bench/lora.py): none, one, two, after a switch
 #   servelora the same through our Triton server (needs venv): bench/results/<run>/lora.json
 # SERVE_ARGS adds arguments to the serve steps, e.g. "--set optimizations.tf32=false".
@@ -44,6 +46,8 @@ for step in "$@"; do
       cp .dev/a/*.whl "$Z/wheels/"
       cp .dev/a/*.deb .dev/a/*.sh "$Z/" 2>/dev/null
       python3 -m pip install -q --no-index --no-deps --target "$Z/site" "$Z"/wheels/diffusers-*.whl
+      # The dummy format's tokenizer reads dashscope's qwen.tiktoken (carried in .dev/a).
+      python3 -m pip install -q --no-index --no-deps --target "$Z/site" "$Z"/wheels/dashscope-*.whl
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv ;;
     baselines)
       inproc -m bench.baselines --variant eager --out "$OUT/diffusers_eager.json"
@@ -128,6 +132,8 @@ for _ in range(900):
         --steps 8 --repeats 12 --out "$OUT/gateway_1024.json"
       # served runs in a subshell: the launcher is its child, and SIGINT must reach it.
       kill $gpid; pkill -INT -P $spid; wait $spid ;;
+    quality)
+      inproc -m bench.quality --out "$OUT/quality.json" ;;
     lora)
       inproc -m bench.lora --out "$OUT/lora_engine.json" ;;
     servelora)

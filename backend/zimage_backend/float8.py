@@ -1,21 +1,29 @@
-"""FP8 matrix products for the transformer blocks: float8 e4m3 weights and activations with one
-scale per row, through torch's `_scaled_mm` (Hopper's fp8 tensor cores).
+"""FP8 matrix products: float8 e4m3 weights and activations with one scale per row, through
+torch's `_scaled_mm` (Hopper's fp8 tensor cores), for the transformer and the text encoder.
 
 This is torchao's "float8 dynamic activation, float8 weight, per-row" recipe written against
 torch alone, because the GPU images we serve on ship no torchao. Weights are quantized once at
 load; each activation row gets its own scale at run time, a reduction that torch.compile fuses
-into the cast. The adaLN and embedding layers stay in bf16: their products have a handful of rows
-and their precision matters more than their time.
+into the cast.
+
+Which linear layers stay bf16 is config.yaml's choice (`optimizations.fp8_keep_bf16`,
+`optimizations.fp8_text_encoder_keep_bf16`): shell-style patterns on the module names, each of
+which must match a linear layer, so a typo fails at startup instead of silently turning a
+sensitive layer to FP8.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+
 import torch
 from torch import nn
 
+from .settings import SettingsError
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-_SKIP = ("adaLN_modulation",)  # one row per image: no time to win, precision to lose
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,18 +66,46 @@ def supported(device: torch.device) -> str | None:
     return None
 
 
-def _targets(transformer: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """(parent, attribute, layer) of every Linear inside the blocks that FP8 replaces."""
-    targets = []
-    for block in transformer.modules():
-        if type(block).__name__ != "ZImageTransformerBlock":
-            continue
-        for name, module in block.named_modules():
-            if isinstance(module, nn.Linear) and not any(s in name for s in _SKIP):
-                parent_name, _, attr = name.rpartition(".")
-                targets.append((block.get_submodule(parent_name) if parent_name else block,
-                                attr, module))
-    return targets
+def _matches(name: str, pattern: str) -> bool:
+    """`pattern` matches the layer's own name or the name of a module holding it, so
+    `layers.1[5-9]` keeps whole blocks and `*adaLN_modulation*` every modulation product."""
+    parts = name.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern)
+               for i in range(1, len(parts) + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which linear layers of one model become FP8 and which stay bf16, by module name."""
+
+    fp8: tuple[str, ...]
+    bf16: tuple[str, ...]
+    # Kept whatever the patterns say: the model class's own `_skip_layerwise_casting_patterns`
+    # (diffusers' ZImageTransformer2DModel: t_embedder, cap_embedder; its TimestepEmbedder
+    # reads `mlp[0].weight.dtype`, which an FP8 layer does not have).
+    forced: tuple[str, ...]
+
+    def describe(self) -> str:
+        forced = f", {len(self.forced)} of them by the model's own skip list" \
+            if self.forced else ""
+        return f"{len(self.fp8)} linear layers float8, {len(self.bf16)} kept bfloat16{forced}"
+
+
+def select(model: nn.Module, keep_bf16: tuple[str, ...], setting: str) -> Selection:
+    """Splits `model`'s linear layers by the patterns of `setting` (config.yaml's key, named
+    in the error when a pattern matches no linear layer)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for pattern in keep_bf16:
+        if not any(_matches(name, pattern) for name in names):
+            example = next((n for n in names if ".0." in n), names[0] if names else "none")
+            raise SettingsError(
+                f"{setting}: pattern {pattern!r} matches no linear layer of the "
+                f"{type(model).__name__} ({len(names)} linear layers, named like {example!r}); "
+                "fix or remove it")
+    skip = tuple(getattr(model, "_skip_layerwise_casting_patterns", None) or ())
+    forced = tuple(n for n in names if any(_matches(n, p) for p in skip))
+    bf16 = tuple(n for n in names if n in forced or any(_matches(n, p) for p in keep_bf16))
+    return Selection(fp8=tuple(n for n in names if n not in bf16), bf16=bf16, forced=forced)
 
 
 def served_tokens(settings) -> int:
@@ -78,14 +114,15 @@ def served_tokens(settings) -> int:
     return settings.defaults.height // 16 * (settings.defaults.width // 16) + 64
 
 
-def check_products(transformer: nn.Module, device: torch.device, tokens: int,
-                   worst: float = 0.1) -> str | None:
-    """Each distinct shape of the layers FP8 replaces: its FP8 product against the bf16 one, on
-    `device` at `tokens` rows of random input, with the model's own weights. Returns what went
-    wrong, or None. e4m3 keeps 3 mantissa bits: about 3% relative error per product on random
-    data, where a wrong product is off by about 140%."""
+def check_products(model: nn.Module, names: tuple[str, ...], device: torch.device,
+                   tokens: int, worst: float = 0.1) -> str | None:
+    """Each distinct shape of the layers `names` of `model`: its FP8 product against the bf16
+    one, on `device` at `tokens` rows of random input, with the model's own weights. Returns
+    what went wrong, or None. e4m3 keeps 3 mantissa bits: about 3% relative error per product
+    on random data, where a wrong product is off by about 140%."""
     shapes: dict[tuple[int, int], nn.Linear] = {}
-    for _, _, linear in _targets(transformer):
+    for name in names:
+        linear = model.get_submodule(name)
         shapes.setdefault((linear.in_features, linear.out_features), linear)
     generator = torch.Generator(device).manual_seed(0)
     for (features, outputs), linear in shapes.items():
@@ -108,10 +145,11 @@ def check_products(transformer: nn.Module, device: torch.device, tokens: int,
     return None
 
 
-def quantize_transformer(transformer: nn.Module, device: torch.device | None = None) -> int:
-    """Replaces the Linear layers inside the transformer's blocks, quantized on `device`;
+def quantize(model: nn.Module, names: tuple[str, ...], device: torch.device | None = None) -> int:
+    """Replaces the linear layers `names` of `model` by FP8 ones quantized on `device`;
     returns how many."""
-    targets = _targets(transformer)
-    for parent, attr, linear in targets:
-        setattr(parent, attr, Float8Linear(linear, device))
-    return len(targets)
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, Float8Linear(getattr(parent, attr), device))
+    return len(names)

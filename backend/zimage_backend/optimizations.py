@@ -122,24 +122,53 @@ def _qk_norm_rope(ctx: Context) -> str:
     return "q/k RMS norms and RoPE in one Triton kernel per attention, checked at the model's shape"
 
 
-def _fp8_requirement(ctx: Context) -> str | None:
-    if (why := float8.supported(ctx.device)) is not None:
-        return why
-    if (dtype := ctx.pipe.transformer.dtype) != torch.bfloat16:
-        return (f"needs model.dtype bfloat16 (the per-row scaled products write bfloat16); "
-                f"the transformer is {str(dtype).removeprefix('torch.')}")
-    if ctx.opts.memory_mode != "performance":
-        return "needs memory_mode performance (offload moves the weights)"
-    return None
+def _fp8_requirement_for(module: Callable[[Context], torch.nn.Module],
+                         name: str) -> Callable[[Context], str | None]:
+    def requirement(ctx: Context) -> str | None:
+        if (why := float8.supported(ctx.device)) is not None:
+            return why
+        if (dtype := module(ctx).dtype) != torch.bfloat16:
+            return (f"needs model.dtype bfloat16 (the per-row scaled products write bfloat16); "
+                    f"the {name} is {str(dtype).removeprefix('torch.')}")
+        if ctx.opts.memory_mode != "performance":
+            return "needs memory_mode performance (offload moves the weights)"
+        return None
+    return requirement
 
 
-def _fp8(ctx: Context) -> str:
-    tokens = float8.served_tokens(ctx.settings)
-    if (why := float8.check_products(ctx.pipe.transformer, ctx.device, tokens)) is not None:
-        raise CheckFailed(why)
-    count = float8.quantize_transformer(ctx.pipe.transformer, ctx.device)
-    return (f"{count} linear layers: float8 e4m3, per-row scales; products checked against "
-            f"bfloat16 at {tokens} tokens")
+def _fp8_for(module: Callable[[Context], torch.nn.Module], key: str,
+             tokens: Callable[[Context], int]) -> Callable[[Context], str]:
+    """The FP8 step of one model: its keep-bf16 patterns (optimizations.`key`) checked against
+    its module names (an unmatched pattern is a startup error, raised, not a fallback), each
+    product shape checked against bf16, then the layers replaced."""
+    setting = f"optimizations.{key}"
+
+    def apply(ctx: Context) -> str:
+        model, rows = module(ctx), tokens(ctx)
+        selection = float8.select(model, getattr(ctx.opts, key), setting)
+        if (why := float8.check_products(model, selection.fp8, ctx.device, rows)) is not None:
+            raise CheckFailed(why)
+        float8.quantize(model, selection.fp8, ctx.device)
+        return (f"{selection.describe()} ({setting}); float8 e4m3, per-row scales; products "
+                f"checked against bfloat16 at {rows} tokens")
+    return apply
+
+
+def _transformer(ctx: Context) -> torch.nn.Module:
+    return ctx.pipe.transformer
+
+
+def _text_encoder(ctx: Context) -> torch.nn.Module:
+    return ctx.pipe.text_encoder
+
+
+_fp8_requirement = _fp8_requirement_for(_transformer, "transformer")
+_fp8 = _fp8_for(_transformer, "fp8_keep_bf16",
+                lambda ctx: float8.served_tokens(ctx.settings))
+_fp8_text_encoder_requirement = _fp8_requirement_for(_text_encoder, "text encoder")
+# A prompt's rows: at most limits.max_prompt_tokens.
+_fp8_text_encoder = _fp8_for(_text_encoder, "fp8_text_encoder_keep_bf16",
+                             lambda ctx: ctx.settings.limits.max_prompt_tokens)
 
 
 def _adapters_requirement(ctx: Context) -> str | None:
@@ -400,6 +429,8 @@ STEPS: tuple[Step, ...] = (
     Step("fuse_projections", lambda o: o.fuse_projections, _always, _fuse),
     Step("qk_norm_rope", lambda o: o.qk_norm_rope, _qk_norm_rope_requirement, _qk_norm_rope),
     Step("fp8", lambda o: o.fp8, _fp8_requirement, _fp8),
+    Step("fp8_text_encoder", lambda o: o.fp8_text_encoder, _fp8_text_encoder_requirement,
+         _fp8_text_encoder),
     Step("adapters", lambda o: True, _adapters_requirement, _adapters),
     # Placement.
     Step("memory_mode", lambda o: True, _always, _place),

@@ -16,21 +16,17 @@ import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from . import qwen_tokenizer
 
 log = logging.getLogger(__name__)
 
 ARCHITECTURE = "z_image_turbo"
+TOKENIZER_CACHE = "~/.cache/zimage-triton"  # beside config.yaml's default model.demo_dir
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
-# Qwen3's template, reduced to what ZImagePipeline uses (user turn, generation prompt, thinking).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
-    "{% endif %}{% endif %}"
-)
 _CORPUS = (
     "a photo of a cat sitting on a red chair in the sun",
     "an astronaut riding a horse on the moon, digital art, highly detailed",
@@ -48,7 +44,8 @@ def architecture_config(component: str) -> dict[str, Any]:
 
 
 def build_tokenizer(vocab_size: int = 512):
-    """A small byte-level BPE with Qwen's special tokens and a chat template."""
+    """The tiny pipeline's: a small byte-level BPE with Qwen's special tokens and Qwen3's chat
+    template, its vocabulary small enough for a text encoder of a few thousand parameters."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -61,7 +58,7 @@ def build_tokenizer(vocab_size: int = 512):
     tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE, model_max_length=131072,
+        chat_template=qwen_tokenizer.CHAT_TEMPLATE, model_max_length=131072,
     )
 
 
@@ -96,24 +93,44 @@ def build_tiny_pipeline(seed: int = 0):
                           tokenizer=tokenizer, transformer=transformer)
 
 
-def ensure_tiny_pipeline(directory: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Writes the tiny pipeline to `directory` once; instances starting together do not race."""
-    target = Path(directory).expanduser()
-    if (target / "model_index.json").exists():
+def _write_once(target: Path, marker: str, write: Callable[[Path], None], what: str) -> Path:
+    """Has `write` fill a staging folder beside `target`, then renames it into place, so
+    instances starting together do not race; a target that has its `marker` file is kept."""
+    if (target / marker).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     try:
-        build_tiny_pipeline(seed).save_pretrained(staging)
+        write(staging)
         try:
             staging.rename(target)
-            log.info("wrote the tiny random demo pipeline to %s", target)
+            log.info("wrote %s to %s", what, target)
         except OSError:
-            if not (target / "model_index.json").exists():
+            if not (target / marker).exists():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def ensure_tiny_pipeline(directory: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Writes the tiny pipeline to `directory` once."""
+    return _write_once(Path(directory).expanduser(), "model_index.json",
+                       lambda staging: build_tiny_pipeline(seed).save_pretrained(staging),
+                       "the tiny random demo pipeline")
+
+
+def dummy_tokenizer(cache: str | os.PathLike[str] = TOKENIZER_CACHE):
+    """The dummy format's tokenizer (qwen_tokenizer), built once per ranks file into `cache`:
+    building takes seconds of CPU, loading the saved one a fraction of that."""
+    from transformers import PreTrainedTokenizerFast
+
+    ranks = qwen_tokenizer.ranks_path()
+    target = Path(cache).expanduser() / f"qwen3-tokenizer-{qwen_tokenizer.digest(ranks)}"
+    _write_once(target, "tokenizer.json",
+                lambda staging: qwen_tokenizer.build(ranks).save_pretrained(staging),
+                f"the tokenizer {qwen_tokenizer.LABEL}")
+    return PreTrainedTokenizerFast.from_pretrained(target)
 
 
 @contextlib.contextmanager
@@ -142,7 +159,7 @@ def build_dummy_pipeline(device: torch.device, dtype: torch.dtype, seed: int = 0
     for module in (text_encoder, transformer, vae):
         module.eval().requires_grad_(False)
     return ZImagePipeline(scheduler=_scheduler(), vae=vae, text_encoder=text_encoder,
-                          tokenizer=build_tokenizer(), transformer=transformer)
+                          tokenizer=dummy_tokenizer(), transformer=transformer)
 
 
 def count_parameters(component: str) -> int:

@@ -137,6 +137,11 @@ class Optimizations:
     qk_norm_rope: bool  # one Triton kernel for the q/k norms and RoPE
     prompt_padding: str
     fp8: bool
+    # Shell-style patterns on the transformer's module names whose linear layers stay bf16 with
+    # fp8 (float8.select); each must match a linear layer, checked when the step runs.
+    fp8_keep_bf16: tuple[str, ...]
+    fp8_text_encoder: bool  # the same FP8 products in the text encoder's linear layers
+    fp8_text_encoder_keep_bf16: tuple[str, ...]  # as fp8_keep_bf16, on the text encoder's names
     torch_compile: TorchCompile
     warmup: Warmup
 
@@ -212,6 +217,11 @@ class Settings:
             _one_of("optimizations.attention_backends[]", name, ATTENTION_BACKENDS)
         for name in o.unmasked_attention_backends:
             _one_of("optimizations.unmasked_attention_backends[]", name, ATTENTION_BACKENDS)
+        for key in ("fp8_keep_bf16", "fp8_text_encoder_keep_bf16"):
+            for pattern in getattr(o, key):
+                if not pattern.strip():
+                    raise SettingsError(f"optimizations.{key}: {pattern!r} is not a pattern; "
+                                        "give module-name patterns such as 'layers.1[5-9]'")
         if lim.gpu_memory_gib is not None and not lim.gpu_memory_gib > 0:
             raise SettingsError(f"limits.gpu_memory_gib: {lim.gpu_memory_gib} must be positive "
                                 "or null (the whole GPU)")

@@ -232,11 +232,15 @@ def test_unmerged_slots_equal_merged_weights_on_the_fused_transformer():
     assert torch.equal(_forward(fused, 0), _forward(_banked(transformer, pairs, 0.0)[0], 0))
 
 
+def _all_fp8(transformer):
+    float8.quantize(transformer, float8.select(transformer, (), "keep_bf16").fp8)
+
+
 def test_slots_sit_beside_fp8_products():
     transformer = random_models.build_tiny_pipeline(3).transformer
     shapes = random_adapters.module_shapes(transformer)
     pairs = random_adapters.factors(shapes, RANK, seed=9, b_std=B_STD)
-    fused, _ = _banked(transformer, pairs, 1.5, rewrite=float8.quantize_transformer)
+    fused, _ = _banked(transformer, pairs, 1.5, rewrite=_all_fp8)
     qkv = fused.layers[0].attention.to_qkv
     assert isinstance(qkv, LoraLinear) and isinstance(qkv.base, float8.Float8Linear)
     x = torch.randn(2, 7, qkv.in_features)

@@ -43,7 +43,8 @@ def test_module_rewrites_meet_real_weights_before_placement(fresh_pipe, tiny_set
     assert seen == {"fused": True, "meta": False}
     names = [s.switch for s in optimizations.STEPS]
     assert names.index("memory_mode") > max(names.index(n) for n in
-                                            ("fuse_projections", "qk_norm_rope", "fp8"))
+                                            ("fuse_projections", "qk_norm_rope", "fp8",
+                                             "fp8_text_encoder"))
     assert names[-1] == "torch_compile"
 
 
@@ -65,7 +66,8 @@ def test_fp8_refuses_a_model_dtype_other_than_bfloat16(fresh_pipe, tiny_settings
 def test_fp8_checks_its_products_against_bfloat16(fresh_pipe, tiny_settings):
     transformer = fresh_pipe.transformer.to(torch.bfloat16)
     fusion.fuse_transformer(transformer)
-    assert float8.check_products(transformer, torch.device("cpu"), 80) is None
+    names = float8.select(transformer, (), "keep").fp8
+    assert float8.check_products(transformer, names, torch.device("cpu"), 80) is None
 
 
 def test_a_wrong_fp8_product_is_a_fallback_with_its_reason(fresh_pipe, tiny_settings,
@@ -75,8 +77,8 @@ def test_a_wrong_fp8_product_is_a_fallback_with_its_reason(fresh_pipe, tiny_sett
     real = float8.quantize_rows
     # A scale off by two: every product twice what it should be.
     monkeypatch.setattr(float8, "quantize_rows", lambda x: (lambda q, s: (q, s * 2))(*real(x)))
-    ctx = optimizations.optimize(_context(fresh_pipe, _with_opts(tiny_settings, fp8=True)),
-                                 _steps("fp8"))
+    settings = _with_opts(tiny_settings, fp8=True, fp8_keep_bf16=("*adaLN_modulation*",))
+    ctx = optimizations.optimize(_context(fresh_pipe, settings), _steps("fp8"))
     outcome = ctx.report.as_dict()["fp8"]
     assert outcome["status"] == "fallback"
     assert "relative error" in outcome["detail"] and "against bf16" in outcome["detail"]
