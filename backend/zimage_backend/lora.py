@@ -17,20 +17,21 @@ columns in place. No tensor is created or reshaped, so compiled graphs and their
 valid: a switch costs device-to-device copies and no recompile. A slot no adapter uses has its
 A rows zeroed, which makes its product zero whatever its B still holds.
 
-A bf16 (any non-FP8) nn.Linear product is folded: its weight W and B share one tensor
+An nn.Linear product whose output is wider than its input plus the slot columns (the fused
+q/k/v and w1/w3 products, unfused w1 and w3) is folded: its weight W and B share one tensor
 W_ext = [W | B] of [out, in + width], and one GEMM over K = in + width computes
 
     y = [x | x @ A^T] @ W_ext^T + bias
 
-A separate delta GEMM with beta 1 reads and rewrites the whole output (out columns per token);
-the fold instead writes the concatenated input (in + width columns) and reads `width` more per
-token, which is less traffic for the fused q/k/v and w1/w3 products (out = 3 in, 5.3 in) and
-about even for the square ones; under torch.compile the producer of x can write straight into
-the concatenation. The base module's `weight` stays a Parameter, a view of W_ext's first `in`
-columns (fusion, float8 and everything reading `.weight` see the same values; none of them
-runs after the adapters), and `lora_b` is a view of the rest, so the weight is stored once and
-activation still copies into views in place. FP8 products keep the delta GEMM: their base GEMM
-is FP8 and takes no bf16 columns.
+Per token, the delta GEMM with beta 1 reads and rewrites the whole output (2 * out values
+besides the base GEMM's); the fold writes and reads the concatenation once more instead
+(about 2 * (in + width), less when inductor writes x's producer straight into it). So the fold
+pays where in + width < out and would cost more on w2 (out < in) and about as much on the
+square products, which keep the delta GEMM. The FLOPs are the same either way. The base
+module's `weight` stays a Parameter, a view of W_ext's first `in` columns (fusion, float8 and
+everything reading `.weight` see the same values; none of them runs after the adapters), and
+`lora_b` is a view of the rest, so the weight is stored once and activation still copies into
+views in place. FP8 products keep the delta GEMM: their base GEMM is FP8.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class LoraLinear(nn.Module):
         width = slots * parts * rank
         self.register_buffer("lora_a", torch.zeros(width, self.in_features, device=device,
                                                    dtype=dtype), persistent=False)
-        self.folded = fold and isinstance(base, nn.Linear) and base.weight.dtype == dtype
+        self.folded = (fold and isinstance(base, nn.Linear) and base.weight.dtype == dtype
+                       and self.in_features + width < self.out_features)
         if self.folded:
             weight_ext = torch.zeros(self.out_features, self.in_features + width,
                                      device=device, dtype=dtype)
@@ -102,14 +104,17 @@ class LoraLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low = F.linear(x, self.lora_a)
+        rows = x.flatten(0, -2)
+        low = F.linear(rows, self.lora_a)
         if self.folded:
-            return F.linear(torch.cat([x, low], dim=-1), self.weight_ext, self.base.bias)
+            # 2-D, so that inductor writes `low` and x's producer straight into the
+            # concatenation rather than copying them in.
+            out = F.linear(torch.cat([rows, low], dim=-1), self.weight_ext, self.base.bias)
+            return out.view(*x.shape[:-1], self.out_features)
         out = self.base(x)
         # The delta's product accumulates into the base output (GEMM with beta 1): no delta
         # tensor of the output's size is written and read back for a separate add.
-        return torch.addmm(out.flatten(0, -2), low.flatten(0, -2),
-                           self.lora_b.t()).view_as(out)
+        return torch.addmm(out.flatten(0, -2), low, self.lora_b.t()).view_as(out)
 
     def columns(self, slot: int, part: int) -> slice:
         start = (slot * self.parts + part) * self.rank
