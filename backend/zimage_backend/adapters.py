@@ -189,12 +189,17 @@ def install(transformer: torch.nn.Module, settings: Settings, device: torch.devi
     factors = {name: Factors({m: (a.to(device, dtype), b.to(device, dtype))
                               for m, (a, b) in host.factors.items()})
                for name, host in hosts.items()}
-    bank = LoraBank(transformer, factors, slots, device, dtype)  # LoraTargetError names it
+    # memory_constrained streams each weight from the host per layer (accelerate's hooks, per
+    # tensor): a folded weight would sit on the device for good and lose its shared storage.
+    fold = settings.optimizations.memory_mode != "memory_constrained"
+    bank = LoraBank(transformer, factors, slots, device, dtype, fold)  # LoraTargetError names it
     for name, host in hosts.items():
         f = factors[name]
         log.info("adapter %s: rank %d, %d modules: %s; %.1f MiB on %s; from %s", name, f.rank,
                  len(f.by_module), summarize_modules(f.by_module), f.device_bytes / 2**20,
                  device, host.file)
-    log.info("adapters: %d wrapped products, %d slots of rank %d: %.1f MiB of slot buffers",
-             len(bank.layers), slots, bank.rank, bank.buffer_bytes / 2**20)
+    folded = sum(layer.folded for layer in bank.layers.values())
+    log.info("adapters: %d wrapped products (%d folded into their base GEMM), %d slots of rank "
+             "%d: %.1f MiB of slot buffers", len(bank.layers), folded, slots, bank.rank,
+             bank.buffer_bytes / 2**20)
     return bank

@@ -16,6 +16,22 @@ Activating an adapter set copies the adapters' factors, resident on the device, 
 columns in place. No tensor is created or reshaped, so compiled graphs and their guards stay
 valid: a switch costs device-to-device copies and no recompile. A slot no adapter uses has its
 A rows zeroed, which makes its product zero whatever its B still holds.
+
+An nn.Linear product whose output is wider than its input plus the slot columns (the fused
+q/k/v and w1/w3 products, unfused w1 and w3) is folded: its weight W and B share one tensor
+W_ext = [W | B] of [out, in + width], and one GEMM over K = in + width computes
+
+    y = [x | x @ A^T] @ W_ext^T + bias
+
+Per token, the delta GEMM with beta 1 reads and rewrites the whole output (2 * out values
+besides the base GEMM's); the fold writes and reads the concatenation once more instead
+(about 2 * (in + width), less when inductor writes x's producer straight into it). So the fold
+pays where in + width < out and would cost more on w2 (out < in) and about as much on the
+square products, which keep the delta GEMM. The FLOPs are the same either way. The base
+module's `weight` stays a Parameter, a view of W_ext's first `in` columns (fusion, float8 and
+everything reading `.weight` see the same values; none of them runs after the adapters), and
+`lora_b` is a view of the rest, so the weight is stored once and activation still copies into
+views in place. FP8 products keep the delta GEMM: their base GEMM is FP8.
 """
 
 from __future__ import annotations
@@ -43,7 +59,7 @@ class LoraLinear(nn.Module):
     """A product (nn.Linear, a fused Linear or Float8Linear) with slots of low-rank deltas."""
 
     def __init__(self, base: nn.Module, parts: int, slots: int, rank: int,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, fold: bool = True):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -51,8 +67,36 @@ class LoraLinear(nn.Module):
         width = slots * parts * rank
         self.register_buffer("lora_a", torch.zeros(width, self.in_features, device=device,
                                                    dtype=dtype), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(self.out_features, width, device=device,
-                                                   dtype=dtype), persistent=False)
+        self.folded = (fold and isinstance(base, nn.Linear) and base.weight.dtype == dtype
+                       and self.in_features + width < self.out_features)
+        if self.folded:
+            weight_ext = torch.zeros(self.out_features, self.in_features + width,
+                                     device=device, dtype=dtype)
+            with torch.no_grad():
+                weight_ext[:, :self.in_features].copy_(base.weight)
+            # Not persistent: the state dict keeps the base's own `weight` key (a view).
+            self.register_buffer("weight_ext", weight_ext, persistent=False)
+            self._view_weight_ext(base.weight.requires_grad)
+        else:
+            self.register_buffer("lora_b", torch.zeros(self.out_features, width, device=device,
+                                                       dtype=dtype), persistent=False)
+
+    def _view_weight_ext(self, requires_grad: bool) -> None:
+        """The base weight and lora_b as views of weight_ext, which holds their storage."""
+        self.base.weight = nn.Parameter(self.weight_ext[:, :self.in_features],
+                                        requires_grad=requires_grad)
+        self.register_buffer("lora_b", self.weight_ext[:, self.in_features:], persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to() converts every parameter and buffer alone, which would give the base
+        # weight and lora_b storages of their own: convert weight_ext alone and view it again.
+        if not self.folded:
+            return super()._apply(fn, recurse)
+        requires_grad = self.base.weight.requires_grad
+        del self.base.weight, self.lora_b
+        super()._apply(fn, recurse)
+        self._view_weight_ext(requires_grad)
+        return self
 
     @property
     def weight(self) -> torch.Tensor:
@@ -60,10 +104,16 @@ class LoraLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.flatten(0, -2)
+        low = F.linear(rows, self.lora_a)
+        if self.folded:
+            # 2-D, so that inductor writes `low` and x's producer straight into the
+            # concatenation rather than copying them in.
+            out = F.linear(torch.cat([rows, low], dim=-1), self.weight_ext, self.base.bias)
+            return out.view(*x.shape[:-1], self.out_features)
         out = self.base(x)
         # The delta's product accumulates into the base output (GEMM with beta 1): no delta
         # tensor of the output's size is written and read back for a separate add.
-        low = F.linear(x, self.lora_a).flatten(0, -2)
         return torch.addmm(out.flatten(0, -2), low, self.lora_b.t()).view_as(out)
 
     def columns(self, slot: int, part: int) -> slice:
@@ -131,10 +181,10 @@ class LoraBank:
     """The wrapped products of one transformer and the adapters they can run."""
 
     def __init__(self, transformer: nn.Module, adapters: Mapping[str, Factors], slots: int,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, fold: bool = True):
         if slots < 1 or not adapters:
             raise ValueError("a LoRA bank needs at least one slot and one adapter")
-        self.slots = slots
+        self.slots, self.fold = slots, fold
         self.rank = max(f.rank for f in adapters.values())
         self.adapters = dict(adapters)
         self.targets: dict[str, dict[str, Target]] = {}
@@ -172,7 +222,7 @@ class LoraBank:
         parent_path, _, leaf = target.path.rpartition(".")
         parent = transformer.get_submodule(parent_path) if parent_path else transformer
         layer = LoraLinear(getattr(parent, leaf), target.parts, self.slots, self.rank, device,
-                           dtype)
+                           dtype, self.fold)
         setattr(parent, leaf, layer)
         return layer
 

@@ -243,12 +243,86 @@ def test_slots_sit_beside_fp8_products():
     fused, _ = _banked(transformer, pairs, 1.5, rewrite=_all_fp8)
     qkv = fused.layers[0].attention.to_qkv
     assert isinstance(qkv, LoraLinear) and isinstance(qkv.base, float8.Float8Linear)
+    assert not qkv.folded  # its base GEMM is FP8: the delta GEMM accumulates into it
     x = torch.randn(2, 7, qkv.in_features)
-    names = ("to_q", "to_k", "to_v")
-    delta = torch.cat([x @ pairs[f"layers.0.attention.{n}"][0].T
-                       @ pairs[f"layers.0.attention.{n}"][1].T for n in names], dim=-1)
     with torch.no_grad():
-        torch.testing.assert_close(qkv(x), qkv.base(x) + 1.5 * delta)
+        torch.testing.assert_close(qkv(x), qkv.base(x) + _qkv_delta([pairs], x, [1.5]))
+
+
+def _stored_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct storages behind a module's parameters and buffers."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*module.parameters(), *module.buffers()]}
+    return sum(storages.values())
+
+
+def _qkv_delta(pairs, x, scales):
+    """The unfused q/k/v deltas of layer 0 for adapters `pairs` at `scales`, concatenated."""
+    names = ("to_q", "to_k", "to_v")
+    return sum(scale * torch.cat([x @ p[f"layers.0.attention.{n}"][0].T
+                                  @ p[f"layers.0.attention.{n}"][1].T for n in names], dim=-1)
+               for p, scale in zip(pairs, scales))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_folded_product_is_base_plus_delta_with_the_weight_stored_once(dtype, tol):
+    transformer = random_models.build_tiny_pipeline(3).transformer.to(dtype)
+    shapes = random_adapters.module_shapes(transformer)
+    fusion.fuse_transformer(transformer)
+    pairs = [{m: (a.to(dtype), b.to(dtype)) for m, (a, b) in
+              random_adapters.factors(shapes, RANK, seed=s, b_std=B_STD).items()} for s in (9, 10)]
+    qkv = transformer.layers[0].attention.to_qkv
+    base_weight = qkv.weight.detach().clone()
+    before = _stored_bytes(transformer)
+    bank = LoraBank(transformer, {"a": Factors(pairs[0]), "b": Factors(pairs[1])}, 2,
+                    torch.device("cpu"), dtype)
+    layer = bank.layers["layers.0.attention.to_qkv"]
+    assert layer.folded and layer is transformer.layers[0].attention.to_qkv
+    # One tensor holds the weight and B: the base weight and lora_b are views of it.
+    storage = layer.weight_ext.untyped_storage()
+    for view in (layer.base.weight, layer.lora_b):
+        assert view.untyped_storage().data_ptr() == storage.data_ptr()
+    assert isinstance(layer.base.weight, torch.nn.Parameter)
+    assert torch.equal(layer.base.weight, base_weight)
+    assert _stored_bytes(transformer) - before == bank.buffer_bytes  # A and B, nothing else
+
+    bank.activate((("a", 0.7), ("b", -1.3)))
+    x = torch.randn(2, 7, layer.in_features, dtype=dtype)
+    with torch.no_grad():
+        want = x.double() @ base_weight.double().T + _qkv_delta(
+            [{m: (a.double(), b.double()) for m, (a, b) in p.items()} for p in pairs],
+            x.double(), (0.7, -1.3))
+        got = layer(x)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+    # Moving the module keeps one storage (Module.to converts each tensor alone).
+    transformer.to(torch.float64)
+    assert layer.base.weight.untyped_storage().data_ptr() == \
+        layer.lora_b.untyped_storage().data_ptr() == layer.weight_ext.untyped_storage().data_ptr()
+    assert layer.base.weight.dtype == torch.float64
+
+
+def test_folded_and_unfolded_products_agree_and_memory_constrained_does_not_fold(tiny_settings,
+                                                                                files):
+    transformer = random_models.build_tiny_pipeline(3).transformer
+    fusion.fuse_transformer(transformer)
+    unfolded = copy.deepcopy(transformer)
+    constrained = _with_adapters(tiny_settings, files, memory_mode="memory_constrained")
+    folded_bank = registry.install(transformer, _with_adapters(tiny_settings, files),
+                                   torch.device("cpu"), torch.float32)
+    unfolded_bank = registry.install(unfolded, constrained, torch.device("cpu"), torch.float32)
+    folded = {path for path, layer in folded_bank.layers.items() if layer.folded}
+    # Folded where the output is wider than the input and the slot columns (q/k/v and w1/w3);
+    # to_out and w2 keep the delta GEMM, which moves less memory there.
+    assert "layers.0.attention.to_qkv" in folded and "layers.0.feed_forward.w13" in folded
+    assert "layers.0.attention.to_out.0" not in folded
+    assert "layers.0.feed_forward.w2" not in folded
+    assert not any(layer.folded for layer in unfolded_bank.layers.values())
+    for bank in (folded_bank, unfolded_bank):
+        bank.activate((("partial", 0.5), ("full", 1.2)))
+    torch.testing.assert_close(_forward(transformer, 0), _forward(unfolded, 0), rtol=1e-4,
+                               atol=1e-5)
 
 
 _QK_CHILD = textwrap.dedent("""
