@@ -216,6 +216,8 @@ def test_strength_scales_the_steps_as_diffusers_does(settings):
     ({"IMAGE_INPUT": "i", "STRENGTH": 0.0}, "STRENGTH", ("0.0 is outside",)),
     ({"IMAGE_INPUT": "i", "STRENGTH": 1.5}, "STRENGTH", ("1.5 is outside",)),
     ({"IMAGE_INPUT": "i", "STRENGTH": -0.1}, "STRENGTH", ("outside",)),
+    ({"IMAGE_INPUT": "i", "STRENGTH": 1e-45, "NUM_INFERENCE_STEPS": 1}, "STRENGTH",
+     ("runs no denoising step",)),
     ({"CONTROL_IMAGE": "c", "STRENGTH": 0.5}, "STRENGTH", ("without CONTROL_IMAGE",)),
     ({"CONTROL_SCALE": 0.5}, "CONTROL_SCALE", ("needs CONTROL_IMAGE",)),
     ({"CONTROL_IMAGE": "c", "CONTROL_SCALE": 2.5}, "CONTROL_SCALE", ("2.5 is outside [0.0, 2.0]",)),
