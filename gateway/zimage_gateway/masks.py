@@ -19,8 +19,8 @@ __all__ = ["MASK_FORMATS", "MAX_MASK_PIXELS", "repaint_mask"]
 
 # Formats that carry an alpha channel; OpenAI asks for a PNG.
 MASK_FORMATS = ("PNG", "WEBP")
-# Above the servers' largest image (2048x2048 in config.yaml's limits) with room to spare; what
-# bounds the gateway's memory for one mask (4 bytes a pixel: 64 MiB).
+# The servers' limit on an image input (config.yaml limits.max_input_pixels, 4096x4096): a larger
+# mask would be refused there anyway. It bounds the gateway's memory for one mask (64 MiB as RGBA).
 MAX_MASK_PIXELS = 4096 * 4096
 
 
