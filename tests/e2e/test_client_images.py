@@ -64,6 +64,7 @@ def controlnet_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("controlnet-server")
     data = yaml.safe_load(CONFIG.read_text())
     data["controlnet"] = {**data.get("controlnet", {}), "load_format": "tiny", "source": None}
+    data["optimizations"]["warmup"]["sizes"] = [[SIZE, SIZE]]  # start faster; same model
     (folder / "config.yaml").write_text(yaml.safe_dump(data))
     triton = TritonServer(ROOT / "model_repository", config_path=folder / "config.yaml", http_port=0,
                           grpc_port=0, metrics_port=0, log_file=folder / "server.log")
