@@ -1,6 +1,6 @@
 """``POST /v1/images/edits`` through the official `openai` SDK, in front of the real tritonserver
 (tiny pipeline, CPU): the edit is the servers' image for that input, OpenAI's mask arrives as
-the servers' mask, and refusals name the form's fields."""
+the servers' mask, refusals name the form's fields, and the playground's image upload."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image, ImageDraw
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.e2e.gateway_process import KEYS
+from tests.e2e.test_playground import browser  # noqa: F401 (fixture)
 from zimage_client import ZImageClient
 
 pytestmark = pytest.mark.e2e
@@ -110,3 +114,26 @@ def test_edits_need_a_key(gateway):
     with pytest.raises(openai.AuthenticationError):
         sdk(gateway, "wrong-key-0123456789abcdef").images.edit(image=("in.png", photo(), "image/png"),
                                                              prompt="make it blue")
+
+
+def test_the_playground_edits_a_chosen_image(browser, gateway, server, tmp_path):  # noqa: F811
+    path = tmp_path / "photo.png"
+    path.write_bytes(photo())
+    browser.get(gateway.url + "/")
+    browser.find_element(By.ID, "api-key").send_keys(KEYS[0])
+    prompt = browser.find_element(By.ID, "prompt")
+    prompt.clear()
+    prompt.send_keys("a lake at dawn")
+    Select(browser.find_element(By.ID, "size")).select_by_visible_text("64x64")
+    for field, value in (("steps", "2"), ("seed", "5"), ("strength", "0.8")):
+        element = browser.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(value)
+    browser.find_element(By.ID, "image").send_keys(str(path))
+    browser.find_element(By.ID, "generate").click()
+    image = WebDriverWait(browser, 120).until(
+        expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#gallery figure img")))
+    data = base64.b64decode(image.get_attribute("src").split(",", 1)[1])
+    expected = direct(server, prompt="a lake at dawn", image=photo(), strength=0.8, height=SIZE, width=SIZE,
+                      seed=5, num_inference_steps=2)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), expected)
