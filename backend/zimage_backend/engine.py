@@ -2,12 +2,13 @@
 
 The pipeline runs as three timed stages (text encode, denoise, VAE decode) instead of one
 `pipe(...)` call, so every response can say where its time went, and a cancelled batch stops
-between denoising steps instead of after the decode.
+between denoising steps instead of after the decode. The image modes (issue 14) run diffusers'
+own pipelines of those tasks, built from the same optimized components; their VAE encoding and
+control branch are timed as stages of their own.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -18,9 +19,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from . import optimizations, random_models
-from .request import GenerationRequest
+from . import controlnets, optimizations, random_models
+from .request import (CONTROL_MODES, CONTROLNET, CONTROLNET_INPAINT, IMAGE_TO_IMAGE, INPAINT,
+                      STRENGTH_MODES, TEXT_TO_IMAGE, GenerationRequest)
 from .settings import Settings
+from .stage_timing import StageTimer, time_module
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,12 @@ class Engine:
         # 2026-11-26-h100-c/results.md). Neither changes once the pipeline is loaded.
         _freeze_property(self.pipe, "_execution_device", device)
         _freeze_property(self.pipe.transformer, "dtype", self.pipe.transformer.dtype)
+        self.controlnet = controlnets.load(settings, device, self.dtype)
+        self._timer: StageTimer | None = None  # the running call's, for the module hooks
+        time_module(self.pipe.vae.encoder, "vae_encode", "denoise", lambda: self._timer)
+        if self.controlnet is not None:
+            time_module(self.controlnet, "control", "denoise", lambda: self._timer)
+        self.pipes = {TEXT_TO_IMAGE: self.pipe}
         optimized = optimizations.optimize(optimizations.Context(
             pipe=self.pipe, settings=settings, device=device, report=optimizations.Report(),
             run_once=self._first_run))
@@ -107,6 +116,9 @@ class Engine:
         self.attention_backend = optimized.attention_backend
         self.graphed = optimized.graphed
         self.lora = optimized.lora
+        # After the rewrites: the mode pipelines share the optimized modules, and the ControlNet
+        # pipelines bind the ControlNet to the optimized transformer's shared parts.
+        self.pipes = self._mode_pipelines()
         self.load_seconds = time.perf_counter() - started
         self.warmup_seconds = self._warmup()
         log.info("engine ready on %s (%s, weights: %s): load %.1f s, warmup %.1f s",
@@ -118,6 +130,23 @@ class Engine:
             log.info("GPU memory held by the instance on %s: %s", device, self.memory_by_gpu())
         self._calls, self._profile_call = 0, int(os.environ.get(PROFILE_ENV) or 0)
         self._fault_call = int(os.environ.get(FAULT_ENV) or 0)
+
+    def _mode_pipelines(self) -> dict:
+        from diffusers import (ZImageControlNetInpaintPipeline, ZImageControlNetPipeline,
+                               ZImageImg2ImgPipeline, ZImageInpaintPipeline)
+
+        parts = self.pipe.components
+        pipes = {TEXT_TO_IMAGE: self.pipe, IMAGE_TO_IMAGE: ZImageImg2ImgPipeline(**parts),
+                 INPAINT: ZImageInpaintPipeline(**parts)}
+        if self.controlnet is not None:
+            pipes[CONTROLNET] = ZImageControlNetPipeline(**parts, controlnet=self.controlnet)
+            pipes[CONTROLNET_INPAINT] = ZImageControlNetInpaintPipeline(
+                **parts, controlnet=self.controlnet)
+        for mode, pipe in pipes.items():
+            if mode != TEXT_TO_IMAGE:
+                pipe.set_progress_bar_config(disable=True)
+                _freeze_property(pipe, "_execution_device", self.device)
+        return pipes
 
     def _apply_memory_budget(self) -> None:
         """limits.gpu_memory_gib, from ready on: loading builds and rewrites weights with
@@ -277,31 +306,37 @@ class Engine:
         index = torch.full((1,), 1 << 20, device=self.device, dtype=torch.long)
         torch.zeros(1, device=self.device)[index].item()
 
+    def _mode_inputs(self, requests: Sequence[GenerationRequest]) -> dict:
+        """The mode's own arguments of its diffusers pipeline. The strength modes draw their
+        noise inside the pipeline, after the VAE has sampled each image's latents from the same
+        generator (diffusers' order); the others start from `_noise`, as text-to-image does."""
+        first, mode = requests[0], requests[0].mode
+        if mode not in self.pipes:
+            raise ValueError(f"mode {mode} needs a ControlNet, and none is loaded")
+        inputs = {}
+        if mode in STRENGTH_MODES:
+            inputs.update(strength=first.strength, generator=[
+                torch.Generator("cpu").manual_seed(r.seed) for r in requests])
+        else:
+            inputs["latents"] = self._noise(requests)
+        if first.image is not None:
+            inputs["image"] = [r.image for r in requests]
+        if first.mask is not None:
+            inputs["mask_image"] = [r.mask for r in requests]
+        if mode in CONTROL_MODES:
+            inputs.update(control_image=[r.control_image for r in requests],
+                          controlnet_conditioning_scale=first.control_scale)
+        return inputs
+
     def _run(self, requests: Sequence[GenerationRequest],
              should_stop: Callable[[], bool] | None) -> BatchResult:
         first = requests[0]
         if any(r.group_key != first.group_key for r in requests):
-            raise ValueError("one pipeline call needs one size, step count and guidance")
-        pipe, cfg = self.pipe, first.guidance_scale > 0
-        timings: dict[str, float] = {}
-
-        events: dict[str, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
-
-        @contextlib.contextmanager
-        def stage(name: str):
-            if self.device.type == "cuda":
-                # Timed on the GPU's clock: no sync between stages, so the CPU queues the next
-                # stage's kernels while the GPU still runs this one's.
-                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                start.record()
-                yield
-                end.record()
-                events[name] = (start, end)
-                return
-            started = time.perf_counter()
-            yield
-            timings[name] = round((time.perf_counter() - started) * 1000, 3)
-
+            raise ValueError("one pipeline call needs one mode, size, step count, guidance "
+                             "and strength")
+        pipe, cfg = self.pipes.get(first.mode, self.pipe), first.guidance_scale > 0
+        timer = StageTimer(self.device)
+        stage = timer.stage
         steps_done = 0
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):
@@ -315,26 +350,30 @@ class Engine:
             # A blocking copy to the GPU waits for the stream's queued work. Made here, before
             # text encoding is queued, the starting noise's copy waits for nothing; made inside
             # the pipeline call, it held the CPU until text encoding had finished.
-            noise = self._noise(requests)
+            inputs = self._mode_inputs(requests)
             if self.lora is not None:
                 self.lora.activate(first.loras)
             with stage("text_encode"):
                 prompt_embeds = self.encode_prompts([r.prompt for r in requests])
                 negative_embeds = self.encode_prompts(
                     [r.negative_prompt or "" for r in requests]) if cfg else []
-            with stage("denoise"):
-                latents = pipe(
-                    prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
-                    height=first.height, width=first.width,
-                    num_inference_steps=first.num_inference_steps,
-                    guidance_scale=first.guidance_scale, latents=noise,
-                    output_type="latent", return_dict=False,
-                    callback_on_step_end=on_step_end,
-                )[0]
+            self._timer = timer  # the VAE encoder's and the ControlNet's hooks time into it
+            try:
+                with stage("denoise"):
+                    latents = pipe(
+                        prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
+                        height=first.height, width=first.width,
+                        num_inference_steps=first.num_inference_steps,
+                        guidance_scale=first.guidance_scale, **inputs,
+                        output_type="latent", return_dict=False,
+                        callback_on_step_end=on_step_end,
+                    )[0]
+            finally:
+                self._timer = None
             if pipe.interrupt:
                 raise GenerationCancelled(
                     f"all requests of the batch were cancelled; stopped after {steps_done} of "
-                    f"{first.num_inference_steps} denoising steps")
+                    f"{first.denoise_steps} denoising steps")
             with stage("vae_decode"):
                 vae = pipe.vae
                 latents = latents.to(vae.dtype) / vae.config.scaling_factor + \
@@ -344,8 +383,6 @@ class Engine:
                 # uint8 pixels cross to the host.
                 pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
                 pixels = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-        for name, (start, end) in events.items():
-            end.synchronize()
-            timings[name] = round(start.elapsed_time(end), 3)
+        timings = timer.timings_ms()
         timings["compute"] = round(sum(timings.values()), 3)
         return BatchResult(pixels=list(pixels), timings_ms=timings)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-STAGES = ("text_encode", "denoise", "vae_decode", "image_encode")
+# vae_encode and control: the image modes' image encoding and control branch (issue 14).
+STAGES = ("text_encode", "vae_encode", "control", "denoise", "vae_decode", "image_encode")
 STAGE_BUCKETS_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 32]
 
@@ -24,8 +25,8 @@ class Metrics:
         family = metric_family
         spec = {
             "stage": ("zimage_stage_duration_ms",
-                      "Time per generation stage (text_encode, denoise, vae_decode, "
-                      "image_encode) in milliseconds", family.HISTOGRAM),
+                      "Time per generation stage (text_encode, vae_encode, control, "
+                      "denoise, vae_decode, image_encode) in milliseconds", family.HISTOGRAM),
             "images": ("zimage_images_generated_total", "Images generated", family.COUNTER),
             "errors": ("zimage_request_errors_total", "Requests answered with an error, by code",
                        family.COUNTER),

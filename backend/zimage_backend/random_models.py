@@ -145,6 +145,60 @@ def build_dummy_pipeline(device: torch.device, dtype: torch.dtype, seed: int = 0
                           tokenizer=build_tokenizer(), transformer=transformer)
 
 
+def _controlnet_config(tiny: bool) -> dict[str, Any]:
+    config = {k: v for k, v in architecture_config("controlnet").items()
+              if not k.startswith("_")}
+    if tiny:
+        # The tiny transformer's width, heads and layers (build_tiny_pipeline), same Union layout.
+        config.update(control_layers_places=[0, 1], control_refiner_layers_places=[0], dim=32,
+                      n_refiner_layers=1, n_heads=2, n_kv_heads=2)
+    return config
+
+
+def build_tiny_controlnet(seed: int = 0):
+    """A random ZImageControlNetModel of the Union layout that fits the tiny pipeline."""
+    from diffusers import ZImageControlNetModel
+
+    torch.manual_seed(seed)
+    model = ZImageControlNetModel(**_controlnet_config(tiny=True))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            # The control outputs start at zero (a trained ControlNet learns them); random
+            # ones make the control image change the tiny pipeline's image.
+            if not parameter.any():
+                parameter.normal_(std=0.3)
+    return model
+
+
+def ensure_tiny_controlnet(directory: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Writes the tiny ControlNet to `directory` once, to be loaded with from_pretrained."""
+    target = Path(directory).expanduser()
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-controlnet-", dir=target.parent))
+    try:
+        build_tiny_controlnet(seed).save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def build_dummy_controlnet(device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """The ControlNet Union 2.1 architecture with random weights, built on `device`."""
+    from diffusers import ZImageControlNetModel
+
+    torch.manual_seed(seed)
+    with _default(device, dtype):
+        controlnet = ZImageControlNetModel(**_controlnet_config(tiny=False))
+    return controlnet.eval().requires_grad_(False)
+
+
 def count_parameters(component: str) -> int:
     """Parameters of a shipped component, counted on the meta device (no memory needed)."""
     from diffusers import AutoencoderKL, ZImageTransformer2DModel

@@ -14,7 +14,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from . import image_input
 from .lora_field import FIELD as LORA_FIELD
 from .lora_field import AdapterSet, LoraFieldError, parse_lora
 from .settings import OUTPUT_FORMATS, AdapterSettings, Defaults, Limits
@@ -42,6 +44,12 @@ INPUTS = (
     TensorSpec("SEED", "INT64", (1,), optional=True),
     TensorSpec("OUTPUT_FORMAT", "STRING", (1,), optional=True),
     TensorSpec("LORA", "STRING", (1,), optional=True),  # adapters by name (lora_field.py)
+    # Image inputs (image_input.py; README, "Image inputs"): encoded PNG, JPEG or WebP files.
+    TensorSpec("IMAGE_INPUT", "STRING", (1,), optional=True),
+    TensorSpec("STRENGTH", "FP32", (1,), optional=True),
+    TensorSpec("MASK", "STRING", (1,), optional=True),  # white = repaint; needs IMAGE_INPUT
+    TensorSpec("CONTROL_IMAGE", "STRING", (1,), optional=True),  # needs config.yaml controlnet
+    TensorSpec("CONTROL_SCALE", "FP32", (1,), optional=True),
 )
 OUTPUTS = (
     TensorSpec("IMAGE", "STRING", (1,)),        # encoded png/jpeg/webp bytes
@@ -53,6 +61,11 @@ OUTPUTS = (
 )
 _NUMPY_KINDS = {"STRING": ("O", "S", "U"), "INT32": ("i",), "INT64": ("i",), "FP32": ("f",)}
 OUTPUT_ALIASES = {"jpg": "jpeg"}
+# The modes, each run by the diffusers pipeline of the same task (engine.py).
+TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT, CONTROLNET, CONTROLNET_INPAINT = (
+    "text_to_image", "image_to_image", "inpaint", "controlnet", "controlnet_inpaint")
+STRENGTH_MODES = (IMAGE_TO_IMAGE, INPAINT)  # diffusers' ControlNet pipelines take no strength
+CONTROL_MODES = (CONTROLNET, CONTROLNET_INPAINT)
 
 
 class RequestError(ValueError):
@@ -74,25 +87,43 @@ class GenerationRequest:
     output_format: str
     negative_prompt: str | None = None
     loras: AdapterSet = ()  # LoRA adapters and scales, sorted by name
+    # Decoded image inputs at height x width (image_input.py); compared by identity only.
+    image: Image.Image | None = dataclasses.field(default=None, compare=False, repr=False)
+    mask: Image.Image | None = dataclasses.field(default=None, compare=False, repr=False)
+    control_image: Image.Image | None = dataclasses.field(default=None, compare=False,
+                                                          repr=False)
+    strength: float = 1.0  # used by STRENGTH_MODES only
+    control_scale: float = 0.0  # used by CONTROL_MODES only
+
+    @property
+    def mode(self) -> str:
+        if self.control_image is not None:
+            return CONTROLNET_INPAINT if self.mask is not None else CONTROLNET
+        if self.image is None:
+            return TEXT_TO_IMAGE
+        return INPAINT if self.mask is not None else IMAGE_TO_IMAGE
+
+    @property
+    def denoise_steps(self) -> int:
+        """Denoising steps actually run: diffusers' get_timesteps skips the first
+        int(steps - steps * strength) of the schedule in the strength modes."""
+        steps = self.num_inference_steps
+        if self.mode not in STRENGTH_MODES:
+            return steps
+        return steps - int(max(steps - min(steps * self.strength, steps), 0))
 
     @property
     def group_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call (one adapter set per call)."""
-        return (self.height, self.width, self.num_inference_steps, self.guidance_scale,
-                self.loras)
+        mode = self.mode
+        return (mode, self.height, self.width, self.num_inference_steps, self.guidance_scale,
+                self.loras, self.strength if mode in STRENGTH_MODES else None,
+                self.control_scale if mode in CONTROL_MODES else None)
 
     def validate(self, limits: Limits) -> GenerationRequest:
         if not self.prompt.strip():
             raise RequestError("PROMPT", "is empty; give a non-empty text")
-        for field, value in (("HEIGHT", self.height), ("WIDTH", self.width)):
-            if value % 16 or not limits.min_size <= value <= limits.max_size:
-                raise RequestError(
-                    field, f"{value} is not allowed; must be a multiple of 16 in "
-                           f"[{limits.min_size}, {limits.max_size}]")
-        if self.height * self.width > limits.max_pixels:
-            raise RequestError(
-                "HEIGHT", f"{self.height}x{self.width} is {self.height * self.width} pixels; "
-                          f"at most {limits.max_pixels} are allowed")
+        _check_size(self.height, self.width, limits)
         if not 1 <= self.num_inference_steps <= limits.max_steps:
             raise RequestError("NUM_INFERENCE_STEPS", f"{self.num_inference_steps} is outside "
                                                       f"[1, {limits.max_steps}]")
@@ -105,7 +136,25 @@ class GenerationRequest:
         if self.output_format not in OUTPUT_FORMATS:
             raise RequestError("OUTPUT_FORMAT", f"{self.output_format!r} is not one of "
                                                 f"{', '.join(OUTPUT_FORMATS)}")
+        if not math.isfinite(self.strength) or not 0.0 < self.strength <= 1.0:
+            raise RequestError("STRENGTH", f"{self.strength} is outside (0.0, 1.0]")
+        if not math.isfinite(self.control_scale) or not (
+                0.0 <= self.control_scale <= limits.max_control_scale):
+            raise RequestError("CONTROL_SCALE", f"{self.control_scale} is outside "
+                                                f"[0.0, {limits.max_control_scale}]")
         return self
+
+
+def _check_size(height: int, width: int, limits: Limits) -> None:
+    for field, value in (("HEIGHT", height), ("WIDTH", width)):
+        if value % 16 or not limits.min_size <= value <= limits.max_size:
+            raise RequestError(
+                field, f"{value} is not allowed; must be a multiple of 16 in "
+                       f"[{limits.min_size}, {limits.max_size}]")
+    if height * width > limits.max_pixels:
+        raise RequestError(
+            "HEIGHT", f"{height}x{width} is {height * width} pixels; "
+                      f"at most {limits.max_pixels} are allowed")
 
 
 def _column(tensors: Mapping[str, Any], spec: TensorSpec) -> np.ndarray | None:
@@ -135,6 +184,53 @@ def _text(field: str, value: Any) -> str:
         raise RequestError(field, f"is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
+def _blob(value: Any) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+
+def _images(given: Callable[[str], Any], limits: Limits, controlnet: bool,
+            size: tuple[int, int] | None) -> dict[str, Any]:
+    """The image fields of one row: the combination rules first (no decoding for a request that
+    breaks them), then each image decoded and fitted to the generated size. `size` is HEIGHT x
+    WIDTH when the row gives both, None when it gives neither."""
+    image, mask, control = (given(name) for name in ("IMAGE_INPUT", "MASK", "CONTROL_IMAGE"))
+    if mask is not None and image is None:
+        raise RequestError("MASK", "needs IMAGE_INPUT, the image to repaint")
+    if control is not None and not controlnet:
+        raise RequestError("CONTROL_IMAGE", "needs a ControlNet, and this server has none "
+                                            "configured (config.yaml controlnet)")
+    if control is not None and image is not None and mask is None:
+        raise RequestError("IMAGE_INPUT", "with CONTROL_IMAGE needs MASK (ControlNet "
+                                          "inpainting); ControlNet image-to-image is not offered")
+    if given("STRENGTH") is not None and (image is None or control is not None):
+        raise RequestError("STRENGTH", "applies to IMAGE_INPUT without CONTROL_IMAGE "
+                                       "(image-to-image, inpainting) only")
+    if given("CONTROL_SCALE") is not None and control is None:
+        raise RequestError("CONTROL_SCALE", "needs CONTROL_IMAGE")
+    if image is None and control is None:
+        return {}
+    try:
+        decoded = {name: image_input.decode(name, _blob(data), limits.max_input_bytes,
+                                            limits.max_input_pixels)
+                   for name, data in (("IMAGE_INPUT", image), ("MASK", mask),
+                                      ("CONTROL_IMAGE", control)) if data is not None}
+    except image_input.ImageInputError as exc:
+        raise RequestError(exc.field, exc.detail) from None
+    first = decoded.get("IMAGE_INPUT") or decoded["CONTROL_IMAGE"]
+    if "MASK" in decoded and decoded["MASK"].size != first.size:
+        raise RequestError("MASK", "is {}x{}; it must be the size of IMAGE_INPUT, {}x{}".format(
+            *decoded["MASK"].size, *first.size))
+    height, width = size or image_input.size_from_input(
+        *first.size, limits.min_size, limits.max_size, limits.max_pixels)
+    fitted = {}
+    for name, key, convert in (("IMAGE_INPUT", "image", image_input.to_rgb),
+                               ("MASK", "mask", image_input.to_mask),
+                               ("CONTROL_IMAGE", "control_image", image_input.to_rgb)):
+        if name in decoded:
+            fitted[key] = image_input.fit(convert(decoded[name]), height, width)
+    return {"height": height, "width": width, **fitted}
+
+
 def parse_request(
     tensors: Mapping[str, Any],
     defaults: Defaults,
@@ -142,11 +238,13 @@ def parse_request(
     count_tokens: Callable[[str], int] | None = None,
     new_seed: Callable[[], int] = lambda: secrets.randbelow(MAX_SEED + 1),
     adapters: Mapping[str, AdapterSettings] | None = None,
+    controlnet: bool = False,
 ) -> list[GenerationRequest]:
     """Turns one Triton request's input tensors into one validated request per batch row.
 
     `count_tokens` measures a prompt as the text encoder will see it, so the length limit is the
-    one that actually truncates; without it only the other checks run.
+    one that actually truncates; without it only the other checks run. `controlnet`: whether
+    the server has a ControlNet, which CONTROL_IMAGE needs.
     """
     known = {spec.name for spec in INPUTS}
     extra = sorted(set(tensors) - known)
@@ -174,17 +272,32 @@ def parse_request(
                                limits)
         except LoraFieldError as exc:
             raise RequestError(LORA_FIELD, str(exc)) from None
+        sized = [value(name, row, None) is not None for name in ("HEIGHT", "WIDTH")]
+        has_image = any(value(name, row, None) is not None
+                        for name in ("IMAGE_INPUT", "CONTROL_IMAGE"))
+        if has_image and sized[0] != sized[1]:
+            raise RequestError("HEIGHT" if sized[1] else "WIDTH", (
+                "is missing; with an image input give HEIGHT and WIDTH together, or neither "
+                "to generate at the input's size"))
+        size = (int(value("HEIGHT", row, 0)), int(value("WIDTH", row, 0))) if all(sized) else None
+        if size is not None and has_image:
+            # Checked before decoding: the fit to this size must not meet an unchecked size.
+            _check_size(*size, limits)
+        images = _images(lambda name: value(name, row, None), limits, controlnet, size)
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt=None if negative is None else _text("NEGATIVE_PROMPT", negative),
-            height=int(value("HEIGHT", row, defaults.height)),
-            width=int(value("WIDTH", row, defaults.width)),
+            height=images.pop("height", int(value("HEIGHT", row, defaults.height))),
+            width=images.pop("width", int(value("WIDTH", row, defaults.width))),
             num_inference_steps=int(value("NUM_INFERENCE_STEPS", row,
                                           defaults.num_inference_steps)),
             guidance_scale=float(value("GUIDANCE_SCALE", row, defaults.guidance_scale)),
             seed=new_seed() if seed is None else int(seed),
             output_format=OUTPUT_ALIASES.get(output_format, output_format),
             loras=loras,
+            strength=float(value("STRENGTH", row, defaults.strength)),
+            control_scale=float(value("CONTROL_SCALE", row, defaults.control_scale)),
+            **images,
         ).validate(limits)
         if count_tokens is not None:
             for field, text in (("PROMPT", request.prompt),

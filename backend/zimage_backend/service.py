@@ -26,7 +26,8 @@ from .encoding import encode_image
 from .engine import Engine, GenerationCancelled
 from .lora_field import LISTING_OUTPUT, listing
 from .metrics import Metrics
-from .request import GenerationRequest, RequestError, check_requested_outputs, parse_request
+from .request import (CONTROL_MODES, STRENGTH_MODES, GenerationRequest, RequestError,
+                      check_requested_outputs, parse_request)
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ class Service:
             try:
                 parsed = parse_request(request.tensors, self.settings.defaults,
                                        self.settings.limits, self.engine.count_tokens,
-                                       adapters=self.settings.adapters)
+                                       adapters=self.settings.adapters,
+                                       controlnet=self.settings.controlnet.enabled)
                 check_requested_outputs(parsed, request.requested_outputs)
             except RequestError as exc:
                 answers[index].error = ServingError(INVALID_ARG, str(exc))
@@ -206,7 +208,12 @@ class Service:
             metadata = {"timings_ms": timings, "batch_size": len(call), "weights": label,
                         "height": r.height, "width": r.width,
                         "num_inference_steps": r.num_inference_steps,
-                        "guidance_scale": r.guidance_scale}
+                        "guidance_scale": r.guidance_scale, "mode": r.mode,
+                        "denoise_steps": r.denoise_steps}
+            if r.mode in STRENGTH_MODES:
+                metadata["strength"] = r.strength
+            if r.mode in CONTROL_MODES:
+                metadata["control_scale"] = r.control_scale
             if r.loras:
                 metadata["loras"] = dict(r.loras)
             rows[item.index][item.row] = (encoded if encoded is not None else pixels,

@@ -74,6 +74,8 @@ class Defaults:
     num_inference_steps: int
     guidance_scale: float
     output_format: str
+    strength: float  # image-to-image and inpainting without STRENGTH
+    control_scale: float  # ControlNet modes without CONTROL_SCALE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,9 @@ class Limits:
     gpu_memory_gib: float | None  # None: the whole GPU
     max_adapters_per_request: int  # LoRA adapters one image may use at once
     max_adapter_scale: float  # a request's adapter scale must lie in [-max, max]
+    max_input_bytes: int  # each image input's encoded size
+    max_input_pixels: int  # each image input's decoded size, read from its header first
+    max_control_scale: float  # CONTROL_SCALE must lie in [0, max]
 
     def images_per_call(self, height: int, width: int) -> int:
         """How many images of this size one pipeline call may hold."""
@@ -139,6 +144,25 @@ class Optimizations:
     fp8: bool
     torch_compile: TorchCompile
     warmup: Warmup
+
+
+# --- ControlNet (issue 14) ------------------------------------------------------------------
+CONTROLNET_LOAD_FORMATS = ("none", "auto", "dummy", "tiny")
+# PIL's own decompression-bomb check warns above 64 Mi pixels (image_input.py).
+MAX_INPUT_PIXELS = 64 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetSettings:
+    """config.yaml's `controlnet:`: loaded at startup only when load_format is not none."""
+
+    load_format: str  # none | auto (from_pretrained or from_single_file) | dummy | tiny
+    source: str | None  # auto: a hub repo id, a local folder, or a local .safetensors file
+    revision: str | None
+
+    @property
+    def enabled(self) -> bool:
+        return self.load_format != "none"
 
 
 # --- LoRA adapters (issue 13) ---------------------------------------------------------------
@@ -198,6 +222,7 @@ class Settings:
     encoding: Encoding
     optimizations: Optimizations
     adapters: dict[str, AdapterSettings]  # LoRA registry (issue 13); {}: none, nothing wrapped
+    controlnet: ControlNetSettings  # issue 14; load_format none: CONTROL_IMAGE is refused
 
     def validate(self) -> Settings:
         m, d, lim, o = self.model, self.defaults, self.limits, self.optimizations
@@ -248,6 +273,23 @@ class Settings:
             if not low <= value <= high:
                 raise SettingsError(f"{key}: {value} is outside [{low}, {high}]")
         _validate_adapters(self.adapters, lim)
+        _one_of("controlnet.load_format", self.controlnet.load_format, CONTROLNET_LOAD_FORMATS)
+        if self.controlnet.load_format == "auto" and not self.controlnet.source:
+            raise SettingsError("controlnet.source: load_format auto needs a source")
+        if not 1 <= lim.max_input_bytes <= 2**30:
+            raise SettingsError(f"limits.max_input_bytes: {lim.max_input_bytes} is outside "
+                                f"[1, {2**30}]")
+        if not lim.max_pixels <= lim.max_input_pixels <= MAX_INPUT_PIXELS:
+            raise SettingsError(f"limits.max_input_pixels: {lim.max_input_pixels} is outside "
+                                f"[limits.max_pixels ({lim.max_pixels}), {MAX_INPUT_PIXELS}]")
+        if not (math.isfinite(lim.max_control_scale) and lim.max_control_scale > 0):
+            raise SettingsError(f"limits.max_control_scale: {lim.max_control_scale} must be a "
+                                "finite number above 0")
+        if not (0.0 < d.strength <= 1.0):
+            raise SettingsError(f"defaults.strength: {d.strength} is outside (0.0, 1.0]")
+        if not 0.0 <= d.control_scale <= lim.max_control_scale:
+            raise SettingsError(f"defaults.control_scale: {d.control_scale} is outside "
+                                f"[0.0, limits.max_control_scale ({lim.max_control_scale})]")
         return self
 
     def to_dict(self) -> dict[str, Any]:

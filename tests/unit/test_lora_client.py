@@ -22,7 +22,8 @@ def test_loras_become_one_lora_row_the_server_parses_back():
     registry = {"ink": AdapterSettings("/x", None, None, 1.0),
                 "film-grain": AdapterSettings("/y", None, None, 0.5)}
     limits = Limits(64, 2048, 2**22, 50, 20.0, 512, 4, 2**20, gpu_memory_gib=None,
-                    max_adapters_per_request=2, max_adapter_scale=4.0)
+                    max_adapters_per_request=2, max_adapter_scale=4.0, max_input_bytes=2**20,
+                    max_input_pixels=2**22, max_control_scale=2.0)
     # Exactly the scales asked for, and the registry's default where none was given.
     assert parse_lora(text.decode(), registry, limits) == (("film-grain", 0.5),
                                                            ("ink", 0.1 + 0.2))
