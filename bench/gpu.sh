@@ -26,6 +26,8 @@
 #             deviation of its images from serve's bf16 images of the same seeds
 #   lora      LoRA adapters in-process (bench/lora.py): none, one, two, after a switch
 #   servelora the same through our Triton server (needs venv): bench/results/<run>/lora.json
+#   images    the image modes through our Triton server (needs venv), dummy pipeline and
+#             ControlNet, 1024x1024: text-to-image, image-to-image, inpainting, ControlNet
 # SERVE_ARGS adds arguments to the serve steps, e.g. "--set optimizations.tf32=false".
 set -uo pipefail
 Z=${ZIMAGE_GPU_DIR:-/root/zt}
@@ -131,6 +133,8 @@ for _ in range(900):
       inproc -m bench.lora --out "$OUT/lora_engine.json" ;;
     servelora)
       served -m bench.lora --server --compile-cache "$Z/inductor" --out "$OUT/lora.json" ;;
+    images)
+      served -m bench.image_modes --compile-cache "$Z/inductor" --out "$OUT/image_modes.json" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

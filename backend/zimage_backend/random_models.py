@@ -96,24 +96,31 @@ def build_tiny_pipeline(seed: int = 0):
                           tokenizer=tokenizer, transformer=transformer)
 
 
-def ensure_tiny_pipeline(directory: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Writes the tiny pipeline to `directory` once; instances starting together do not race."""
+def _write_once(directory: str | os.PathLike[str], marker: str, build, what: str) -> Path:
+    """Saves `build()` to `directory` once, through a staging folder renamed into place, so
+    instances starting together do not race; `marker` is the file that shows it is there."""
     target = Path(directory).expanduser()
-    if (target / "model_index.json").exists():
+    if (target / marker).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        build_tiny_pipeline(seed).save_pretrained(staging)
+        build().save_pretrained(staging)
         try:
             staging.rename(target)
-            log.info("wrote the tiny random demo pipeline to %s", target)
+            log.info("wrote the %s to %s", what, target)
         except OSError:
-            if not (target / "model_index.json").exists():
+            if not (target / marker).exists():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def ensure_tiny_pipeline(directory: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Writes the tiny pipeline to `directory` once; instances starting together do not race."""
+    return _write_once(directory, "model_index.json", lambda: build_tiny_pipeline(seed),
+                       "tiny random demo pipeline")
 
 
 @contextlib.contextmanager
@@ -172,21 +179,8 @@ def build_tiny_controlnet(seed: int = 0):
 
 def ensure_tiny_controlnet(directory: str | os.PathLike[str], seed: int = 0) -> Path:
     """Writes the tiny ControlNet to `directory` once, to be loaded with from_pretrained."""
-    target = Path(directory).expanduser()
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-controlnet-", dir=target.parent))
-    try:
-        build_tiny_controlnet(seed).save_pretrained(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return _write_once(directory, "config.json", lambda: build_tiny_controlnet(seed),
+                       "tiny random ControlNet")
 
 
 def build_dummy_controlnet(device: torch.device, dtype: torch.dtype, seed: int = 0):

@@ -138,6 +138,11 @@ class GenerationRequest:
                                                 f"{', '.join(OUTPUT_FORMATS)}")
         if not math.isfinite(self.strength) or not 0.0 < self.strength <= 1.0:
             raise RequestError("STRENGTH", f"{self.strength} is outside (0.0, 1.0]")
+        if self.denoise_steps < 1:
+            raise RequestError("STRENGTH", (
+                f"{self.strength} with {self.num_inference_steps} steps runs no denoising "
+                f"step (diffusers runs int(steps * strength)); give at least "
+                f"{1 / self.num_inference_steps:g}"))
         if not math.isfinite(self.control_scale) or not (
                 0.0 <= self.control_scale <= limits.max_control_scale):
             raise RequestError("CONTROL_SCALE", f"{self.control_scale} is outside "

@@ -210,10 +210,11 @@ class Service:
                         "num_inference_steps": r.num_inference_steps,
                         "guidance_scale": r.guidance_scale, "mode": r.mode,
                         "denoise_steps": r.denoise_steps}
+            # As FP32 carried them (0.6, not 0.6000000238418579).
             if r.mode in STRENGTH_MODES:
-                metadata["strength"] = r.strength
+                metadata["strength"] = float(f"{r.strength:.7g}")
             if r.mode in CONTROL_MODES:
-                metadata["control_scale"] = r.control_scale
+                metadata["control_scale"] = float(f"{r.control_scale:.7g}")
             if r.loras:
                 metadata["loras"] = dict(r.loras)
             rows[item.index][item.row] = (encoded if encoded is not None else pixels,

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import io
 import json
 import math
 import struct
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,6 +39,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from transformers import AutoTokenizer
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -60,10 +63,13 @@ from zimage_client import ZImageClient
 pytestmark = pytest.mark.e2e
 
 INPUTS = ("PROMPT", "NEGATIVE_PROMPT", "HEIGHT", "WIDTH", "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE",
-          "SEED", "OUTPUT_FORMAT", "LORA")
+          "SEED", "OUTPUT_FORMAT", "LORA", "IMAGE_INPUT", "STRENGTH", "MASK", "CONTROL_IMAGE",
+          "CONTROL_SCALE")
 WIRE_DTYPE = {"PROMPT": "BYTES", "NEGATIVE_PROMPT": "BYTES", "HEIGHT": "INT32", "WIDTH": "INT32",
               "NUM_INFERENCE_STEPS": "INT32", "GUIDANCE_SCALE": "FP32", "SEED": "INT64",
-              "OUTPUT_FORMAT": "BYTES", "LORA": "BYTES"}
+              "OUTPUT_FORMAT": "BYTES", "LORA": "BYTES", "IMAGE_INPUT": "BYTES",
+              "STRENGTH": "FP32", "MASK": "BYTES", "CONTROL_IMAGE": "BYTES",
+              "CONTROL_SCALE": "FP32"}
 NUMPY = {"BYTES": np.object_, "BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16,
          "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8, "UINT16": np.uint16,
          "UINT32": np.uint32, "UINT64": np.uint64, "FP16": np.float16, "FP32": np.float32,
@@ -78,6 +84,51 @@ BATCH_MISMATCH = "batch size does not match"
 
 I32, I64 = np.iinfo(np.int32), np.iinfo(np.int64)
 F32_MAX = float(np.finfo(np.float32).max)
+MAX_CONTROL_SCALE = 2.0
+
+
+def _file(size: tuple[int, int], fmt: str, mode: str = "RGB", **params) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, 200).save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims width x height: a decompression bomb's header."""
+    data = bytearray(_file((1, 1), "PNG"))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # IHDR's CRC
+    return bytes(data)
+
+
+_PNG = _file((64, 64), "PNG")
+# Image inputs the fuzz sends, labelled by hand with what README's "Image inputs" makes of them:
+# the decoded (width, height), or None for a file that must be refused.
+IMAGE_FILES = {
+    _PNG: (64, 64),
+    _file((80, 48), "JPEG"): (80, 48),
+    _file((64, 64), "WEBP"): (64, 64),
+    _file((64, 64), "PNG", "RGBA"): (64, 64),
+    _file((64, 64), "PNG", "L"): (64, 64),
+    _file((32, 32), "PNG", "L"): (32, 32),
+    _file((64, 64), "GIF"): None,
+    _file((64, 64), "BMP"): None,
+    _PNG[:len(_PNG) // 2]: None,
+    _png_declaring(50_000, 50_000): None,
+    b"": None,
+    b"not an image": None,
+    b"\x89PNG\r\n\x1a\n": None,
+}
+
+
+def image_file_size(b: bytes) -> tuple[int, int] | None:
+    return IMAGE_FILES.get(b)  # random bytes are no image
+
+
+def size_from_input(width: int, height: int) -> tuple[int, int]:
+    """README's size rule for inputs within the limits: each side down to a multiple of 16,
+    at least the smallest side."""
+    return max(MIN_SIZE, height // 16 * 16), max(MIN_SIZE, width // 16 * 16)
 
 
 @dataclasses.dataclass
@@ -176,9 +227,41 @@ def verdict(case: Case, count_tokens) -> Verdict:
              "GUIDANCE_SCALE": guidance_ok, "SEED": seed_ok,
              "OUTPUT_FORMAT": lambda b: utf8(b) is not None and format_name(utf8(b)) is not None,
              # The shipped config has no adapters: only an empty LORA names none.
-             "LORA": lambda b: utf8(b) is not None and not utf8(b).strip()}
+             "LORA": lambda b: utf8(b) is not None and not utf8(b).strip(),
+             "IMAGE_INPUT": lambda b: image_file_size(b) is not None,
+             "MASK": lambda b: image_file_size(b) is not None,
+             "STRENGTH": lambda v: math.isfinite(float(np.float32(v))) and
+             0.0 < float(np.float32(v)) <= 1.0,
+             # The shipped config has no ControlNet: any CONTROL_IMAGE is refused.
+             "CONTROL_IMAGE": lambda b: False,
+             "CONTROL_SCALE": lambda v: math.isfinite(float(np.float32(v))) and
+             0.0 <= float(np.float32(v)) <= MAX_CONTROL_SCALE}
     bad |= {name for name, values in columns.items() if not all(map(rules[name], values))}
+    # Image inputs: which fields need which (README, "Image inputs").
+    images = column("IMAGE_INPUT", None)
+    if "MASK" in columns and None in images:
+        bad.add("MASK")
+    if "STRENGTH" in columns and None in images:
+        bad.add("STRENGTH")
+    for strength, steps in zip(column("STRENGTH", 0.6), column("NUM_INFERENCE_STEPS", 8)):
+        # diffusers runs steps - int(steps - steps * strength) steps: at least one is needed.
+        if "STRENGTH" in columns and steps_ok(steps) and rules["STRENGTH"](strength) and \
+                steps - int(max(steps - steps * float(np.float32(strength)), 0)) < 1:
+            bad.add("STRENGTH")
+    if "CONTROL_SCALE" in columns and "CONTROL_IMAGE" not in columns:
+        bad.add("CONTROL_SCALE")
+    for image, mask in zip(images, column("MASK", None)):
+        if image is not None and mask is not None and None not in (
+                image_file_size(image), image_file_size(mask)) and \
+                image_file_size(image) != image_file_size(mask):
+            bad.add("MASK")
+    sized = [name in columns for name in ("HEIGHT", "WIDTH")]
+    if "IMAGE_INPUT" in columns and sized[0] != sized[1]:
+        bad |= {"HEIGHT", "WIDTH"}  # with an image input: both or neither
     sizes = list(zip(column("HEIGHT", DEFAULT_SIZE), column("WIDTH", DEFAULT_SIZE)))
+    if "IMAGE_INPUT" in columns and not any(sized):
+        sizes = [size_from_input(*(image_file_size(i) or (DEFAULT_SIZE, DEFAULT_SIZE)))
+                 for i in images]
     if any(h * w > MAX_PIXELS for h, w in sizes):
         bad.add("HEIGHT")
     formats = [format_name(utf8(f) or "") or "?" for f in column("OUTPUT_FORMAT", b"png")]
@@ -268,13 +351,22 @@ LORA_VALUES = [
         str.encode)),
     (2, NON_UTF8),
 ]
+IMAGE_VALUES = [(80, st.sampled_from([f for f, size in IMAGE_FILES.items() if size])),
+                (15, st.sampled_from([f for f, size in IMAGE_FILES.items() if not size])),
+                (5, st.binary(max_size=40))]
+UNIT_VALUES = [(85, st.floats(0.0, 1.0, width=32)),
+               (10, st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0000001, 2.0,
+                                     2.0000002, -1e-45, 1e-45, F32_MAX])),
+               (5, st.floats(width=32))]
 VALUES = {"PROMPT": text_values(nonblank=True), "NEGATIVE_PROMPT": text_values(nonblank=False),
           "HEIGHT": SIZE_VALUES, "WIDTH": SIZE_VALUES, "NUM_INFERENCE_STEPS": STEP_VALUES,
           "GUIDANCE_SCALE": GUIDANCE_VALUES, "SEED": SEED_VALUES, "OUTPUT_FORMAT": FORMAT_VALUES,
-          "LORA": LORA_VALUES}
+          "LORA": LORA_VALUES, "IMAGE_INPUT": IMAGE_VALUES, "MASK": IMAGE_VALUES,
+          "CONTROL_IMAGE": IMAGE_VALUES, "STRENGTH": UNIT_VALUES, "CONTROL_SCALE": UNIT_VALUES}
 # How often an input is left out (percent).
 ABSENT = {"PROMPT": 3, "NEGATIVE_PROMPT": 70, "NUM_INFERENCE_STEPS": 5, "GUIDANCE_SCALE": 50,
-          "SEED": 30, "OUTPUT_FORMAT": 40, "LORA": 80}
+          "SEED": 30, "OUTPUT_FORMAT": 40, "LORA": 80, "IMAGE_INPUT": 75, "STRENGTH": 80,
+          "MASK": 85, "CONTROL_IMAGE": 93, "CONTROL_SCALE": 93}
 
 
 def _affordable(name: str, value) -> bool:
@@ -505,7 +597,7 @@ def classic(overrides: dict, outputs: list[str] | None = None) -> Case:
     values = {"PROMPT": b"classic", "HEIGHT": 64, "WIDTH": 64, "NUM_INFERENCE_STEPS": 1,
               "SEED": 123, **overrides}
     tensors = [(name, np.array([[value]], dtype=NUMPY[WIRE_DTYPE[name]]), WIRE_DTYPE[name])
-               for name, value in values.items()]
+               for name, value in values.items() if value is not None]  # None: left out
     return Case(tensors=tensors, outputs=outputs)
 
 
@@ -540,6 +632,21 @@ CLASSICS = {
     "' JPG ' format": ({"OUTPUT_FORMAT": b" JPG "}, set()),
     "a path as adapter": ({"LORA": b"/etc/passwd"}, {"LORA"}),
     "a URL as adapter": ({"LORA": b"https://example.com/x.safetensors"}, {"LORA"}),
+    # Image inputs (README, "Image inputs"), on the shipped config (no ControlNet):
+    "image-to-image": ({"IMAGE_INPUT": _PNG, "STRENGTH": 0.6}, set()),
+    "inpainting": ({"IMAGE_INPUT": _PNG, "MASK": _file((64, 64), "PNG", "L")}, set()),
+    "a decompression bomb": ({"IMAGE_INPUT": _png_declaring(50_000, 50_000)}, {"IMAGE_INPUT"}),
+    "a truncated PNG": ({"IMAGE_INPUT": _PNG[:len(_PNG) // 2]}, {"IMAGE_INPUT"}),
+    "a GIF": ({"IMAGE_INPUT": _file((64, 64), "GIF")}, {"IMAGE_INPUT"}),
+    "a path as image": ({"IMAGE_INPUT": b"/etc/passwd"}, {"IMAGE_INPUT"}),
+    "a mask of another size": ({"IMAGE_INPUT": _PNG, "MASK": _file((32, 32), "PNG", "L")},
+                               {"MASK"}),
+    "a mask alone": ({"MASK": _PNG}, {"MASK"}),
+    "NaN strength": ({"IMAGE_INPUT": _PNG, "STRENGTH": math.nan}, {"STRENGTH"}),
+    "zero strength": ({"IMAGE_INPUT": _PNG, "STRENGTH": 0.0}, {"STRENGTH"}),
+    "strength without an image": ({"STRENGTH": 0.5}, {"STRENGTH"}),
+    "a control image without a ControlNet": ({"CONTROL_IMAGE": _PNG}, {"CONTROL_IMAGE"}),
+    "a control scale alone": ({"CONTROL_SCALE": 0.5}, {"CONTROL_SCALE"}),
 }
 # Each side of every rule's edge. The rules are the model's, not the protocol's: sent over
 # gRPC only, since the allowed edges (2048 high, 50 steps) cost seconds on a CPU.
@@ -563,6 +670,14 @@ EDGES = {
     "raw, naming PIXELS": ({"OUTPUT_FORMAT": b"raw"}, set(), ["PIXELS"]),
     "png, naming both image outputs": ({}, set(), ["IMAGE", "PIXELS"]),
     "png, naming SEED and METADATA only": ({}, {"OUTPUT_FORMAT"}, ["SEED", "METADATA"]),
+    "the largest strength": ({"IMAGE_INPUT": _PNG, "STRENGTH": 1.0}, set()),
+    "strength just past 1": ({"IMAGE_INPUT": _PNG, "STRENGTH": 1.0000001}, {"STRENGTH"}),
+    "a strength that runs no step": ({"IMAGE_INPUT": _PNG, "STRENGTH": 1e-45}, {"STRENGTH"}),
+    "a small strength that still runs a step": ({"IMAGE_INPUT": _PNG, "STRENGTH": 1e-7}, set()),
+    "an image with one side given": ({"IMAGE_INPUT": _PNG, "HEIGHT": None},
+                                     {"HEIGHT", "WIDTH"}),
+    "an image without HEIGHT and WIDTH": ({"IMAGE_INPUT": _file((80, 48), "JPEG"),
+                                           "HEIGHT": None, "WIDTH": None}, set()),
 }
 
 

@@ -25,7 +25,8 @@ def test_model_config_is_what_triton_serves(client):
     assert [g["kind"] for g in config["instance_group"]] == ["KIND_CPU"]
     names = {i["name"] for i in config["input"]}
     assert names == {"PROMPT", "NEGATIVE_PROMPT", "HEIGHT", "WIDTH", "NUM_INFERENCE_STEPS",
-                     "GUIDANCE_SCALE", "SEED", "OUTPUT_FORMAT", "LORA"}
+                     "GUIDANCE_SCALE", "SEED", "OUTPUT_FORMAT", "LORA", "IMAGE_INPUT", "STRENGTH",
+                     "MASK", "CONTROL_IMAGE", "CONTROL_SCALE"}
 
 
 @pytest.mark.parametrize("height, width", [(64, 64), (96, 160), (256, 128)])

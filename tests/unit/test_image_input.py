@@ -216,6 +216,8 @@ def test_strength_scales_the_steps_as_diffusers_does(settings):
     ({"IMAGE_INPUT": "i", "STRENGTH": 0.0}, "STRENGTH", ("0.0 is outside",)),
     ({"IMAGE_INPUT": "i", "STRENGTH": 1.5}, "STRENGTH", ("1.5 is outside",)),
     ({"IMAGE_INPUT": "i", "STRENGTH": -0.1}, "STRENGTH", ("outside",)),
+    ({"IMAGE_INPUT": "i", "STRENGTH": 1e-45, "NUM_INFERENCE_STEPS": 1}, "STRENGTH",
+     ("runs no denoising step",)),
     ({"CONTROL_IMAGE": "c", "STRENGTH": 0.5}, "STRENGTH", ("without CONTROL_IMAGE",)),
     ({"CONTROL_SCALE": 0.5}, "CONTROL_SCALE", ("needs CONTROL_IMAGE",)),
     ({"CONTROL_IMAGE": "c", "CONTROL_SCALE": 2.5}, "CONTROL_SCALE", ("2.5 is outside [0.0, 2.0]",)),
@@ -255,3 +257,29 @@ def test_one_bad_row_names_its_row(settings):
     with pytest.raises(RequestError) as caught:
         parse_request(tensors, settings.defaults, settings.limits)
     assert caught.value.field == "IMAGE_INPUT" and "row index 1" in str(caught.value)
+
+
+# ------------------------------------------------------------------------------ config.yaml
+
+@pytest.mark.parametrize("path, value, words", [
+    ("controlnet.load_format", "big", "controlnet.load_format: 'big' is not one of none, auto"),
+    ("controlnet.load_format", "auto", "controlnet.source: load_format auto needs a source"),
+    ("limits.max_input_pixels", 2**27, "limits.max_input_pixels"),
+    ("limits.max_input_pixels", 1024, "limits.max_input_pixels"),
+    ("limits.max_input_bytes", 0, "limits.max_input_bytes"),
+    ("limits.max_control_scale", float("nan"), "limits.max_control_scale"),
+    ("defaults.strength", 0.0, "defaults.strength: 0.0 is outside (0.0, 1.0]"),
+    ("defaults.control_scale", 3.0, "defaults.control_scale: 3.0 is outside"),
+])
+def test_bad_image_settings_fail_startup_by_key(path, value, words):
+    import yaml
+
+    from tests.conftest import CONFIG
+    from zimage_backend.settings import SettingsError, parse_settings
+
+    data = yaml.safe_load(CONFIG.read_text())
+    section, key = path.split(".")
+    data[section][key] = value
+    with pytest.raises(SettingsError) as caught:
+        parse_settings(data)
+    assert words in str(caught.value)
