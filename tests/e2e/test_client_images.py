@@ -1,6 +1,6 @@
 """Image inputs (issue 14) through the real server with our client, its command line and
-perf_analyzer: image-to-image, inpainting and ControlNet (a tiny random ControlNet on a second
-server), over gRPC and HTTP. That each mode gives diffusers' image is the server's tests' job;
+perf_analyzer: image-to-image, inpainting and ControlNet (test_image_inputs' server with a tiny
+random ControlNet), over gRPC and HTTP. That each mode gives diffusers' image is the server's tests' job;
 here: the client's arguments arrive as the images they stand for, and errors name the field."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import sys
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image, ImageDraw
 
-from tests.conftest import CONFIG, ROOT
+from tests.conftest import ROOT
 from tests.e2e.helpers import perf_analyzer
-from zimage_backend.triton_process import TritonServer
+# The server side's server with the tiny random ControlNet (config.yaml ``controlnet``).
+from tests.e2e.test_image_inputs import image_config, image_server  # noqa: F401 (fixtures)
 from zimage_client import InvalidRequestError, ZImageClient
 
 pytestmark = pytest.mark.e2e
@@ -61,24 +61,9 @@ def pixels(result) -> np.ndarray:
     return np.asarray(result.image.convert("RGB"))
 
 
-@pytest.fixture(scope="module")
-def controlnet_server(tmp_path_factory):
-    """The shipped config.yaml with the tiny random ControlNet (config.yaml ``controlnet``)."""
-    folder = tmp_path_factory.mktemp("controlnet-server")
-    data = yaml.safe_load(CONFIG.read_text())
-    data["controlnet"] = {**data.get("controlnet", {}), "load_format": "tiny", "source": None}
-    data["optimizations"]["warmup"]["sizes"] = [[SIZE, SIZE]]  # start faster; same model
-    (folder / "config.yaml").write_text(yaml.safe_dump(data))
-    triton = TritonServer(ROOT / "model_repository", config_path=folder / "config.yaml", http_port=0,
-                          grpc_port=0, metrics_port=0, log_file=folder / "server.log")
-    with triton:
-        yield triton
-    assert triton.returncode == 0, triton.log_tail()
-
-
 @pytest.fixture()
-def control_client(controlnet_server, protocol):
-    url = controlnet_server.grpc_url if protocol == "grpc" else controlnet_server.http_url
+def control_client(image_server, protocol):  # noqa: F811
+    url = image_server.grpc_url if protocol == "grpc" else image_server.http_url
     with ZImageClient(url, protocol=protocol, inference_timeout_s=120) as c:
         yield c
 
@@ -205,7 +190,7 @@ def test_perf_analyzer_with_the_image_input_data(server, tmp_path, mode):
     assert "error" not in output.lower(), output
 
 
-def test_perf_analyzer_with_the_control_input_data(controlnet_server, tmp_path):
-    output = perf_analyzer(controlnet_server, tmp_path, 1, PERF_ARGS, timeout_s=240,
+def test_perf_analyzer_with_the_control_input_data(image_server, tmp_path):  # noqa: F811
+    output = perf_analyzer(image_server, tmp_path, 1, PERF_ARGS, timeout_s=240,
                            inputs=image_inputs(tmp_path, "control"))
     assert re.search(r"Throughput: [\d.]*[1-9][\d.]* infer/sec", output) and "error" not in output.lower(), output
