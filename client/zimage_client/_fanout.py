@@ -14,7 +14,7 @@ import numbers
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
-from ._tensors import GenerateRequest
+from ._tensors import IMAGE_ARGUMENT_NAMES, GenerateRequest, image_arguments
 from .errors import ZImageError
 from .generated_image import GeneratedImage
 
@@ -53,6 +53,8 @@ def build_requests(prompts: Iterable[str], seed: Any, **common: Any) -> List[Gen
         raise TypeError("prompts must be a sequence of str, not a single str; use generate() for one prompt")
     prompts = list(prompts)
     seeds = expand_seeds(seed, len(prompts))
+    # One image for every prompt: read and encoded once, not once per row.
+    common.update(image_arguments(**{name: common.pop(name, None) for name in IMAGE_ARGUMENT_NAMES}))
     return [GenerateRequest(prompt, seed=s, **common) for prompt, s in zip(prompts, seeds)]
 
 

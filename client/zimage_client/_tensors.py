@@ -9,11 +9,13 @@ a server.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import numbers
-from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -23,6 +25,11 @@ from .generated_image import GeneratedImage, open_encoded
 
 __all__ = [
     "GenerateRequest",
+    "IMAGE_ARGUMENTS",
+    "IMAGE_ARGUMENT_NAMES",
+    "ImageArgument",
+    "encode_image",
+    "image_arguments",
     "OUTPUT_FORMATS",
     "normalize_output_format",
     "to_infer_inputs",
@@ -100,6 +107,62 @@ def _check_loras(value: Any) -> Tuple[Tuple[str, Optional[float]], ...]:
     return tuple(sorted(pairs))
 
 
+# What an image argument may be: a path read by the client, the encoded file, or a PIL image.
+ImageArgument = Union[str, "os.PathLike[str]", bytes, Image.Image]
+# Image arguments (issue 14) and the input tensor each becomes.
+IMAGE_ARGUMENTS = {"image": "IMAGE_INPUT", "mask": "MASK", "control_image": "CONTROL_IMAGE"}
+# Every argument of the image modes, as generate() names them.
+IMAGE_ARGUMENT_NAMES = ("image", "strength", "mask", "control_image", "control_scale")
+# Modes Pillow writes as PNG as they are; any other (CMYK, YCbCr, HSV, ...) is sent as RGB.
+_PNG_MODES = frozenset({"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"})
+
+
+def encode_image(name: str, value: Any) -> Optional[bytes]:
+    """An image argument as the encoded file the server decodes.
+
+    bytes are sent as they are; a path (str or os.PathLike) is read here, on the caller's
+    machine; a PIL image is encoded as PNG (lossless, so the server sees its pixels). Whether
+    the bytes are an image of an allowed format and size is the server's to check.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, (str, os.PathLike)):
+        try:
+            with open(value, "rb") as stream:
+                return stream.read()
+        except OSError as exc:
+            raise ValueError(f"{name}: cannot read {os.fspath(value)!r}: {exc.strerror or exc}") from None
+    if isinstance(value, Image.Image):
+        image = value if value.mode in _PNG_MODES else value.convert("RGB")
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+    raise TypeError(f"{name} must be a path (str or os.PathLike), bytes or a PIL.Image.Image, "
+                    f"got {type(value).__name__}")
+
+
+def image_arguments(image: Any = None, strength: Any = None, mask: Any = None, control_image: Any = None,
+                    control_scale: Any = None) -> Dict[str, Any]:
+    """The image arguments checked, the images encoded (``encode_image``), as keyword arguments.
+
+    Refused here is what the client can tell without the server: a part given without the one
+    it needs, and arguments of the wrong type; values and decoding are the server's to judge.
+    """
+    given = {"image": image, "mask": mask, "control_image": control_image, "strength": strength,
+             "control_scale": control_scale}
+    needs = (("mask", "image", "inpainting repaints the white part of image"),
+             ("strength", "image", "strength says how much of image is repainted"),
+             ("control_scale", "control_image", "control_scale weighs the control image's guidance"))
+    for name, needed, why in needs:
+        if given[name] is not None and given[needed] is None:
+            raise ValueError(f"{name} needs {needed} ({why}); got {name} without {needed}")
+    checked = {name: encode_image(name, given[name]) for name in IMAGE_ARGUMENTS}
+    checked.update((name, _check_float(name, given[name])) for name in ("strength", "control_scale"))
+    return checked
+
+
 def lora_text(loras: Sequence[Tuple[str, Optional[float]]]) -> str:
     """The LORA input's text: ``name[:scale]`` items separated by commas."""
     return ", ".join(name if scale is None else f"{name}:{scale!r}" for name, scale in loras)
@@ -125,6 +188,13 @@ class GenerateRequest:
     output_format: Optional[str] = "png"
     # LoRA adapters of the server's registry: {name: scale}, stored as sorted pairs.
     loras: Optional[Any] = None
+    # Image inputs (issue 14): a path, bytes or a PIL image, stored as the encoded bytes sent.
+    # repr=False: a request's repr (logs, tracebacks) should not print megabytes.
+    image: Optional[Any] = field(default=None, repr=False)
+    strength: Optional[float] = None
+    mask: Optional[Any] = field(default=None, repr=False)
+    control_image: Optional[Any] = field(default=None, repr=False)
+    control_scale: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -138,6 +208,9 @@ class GenerateRequest:
         set_(self, "seed", _check_int("seed", self.seed, _INT64))
         set_(self, "output_format", normalize_output_format(self.output_format))
         set_(self, "loras", _check_loras(self.loras))
+        images = image_arguments(self.image, self.strength, self.mask, self.control_image, self.control_scale)
+        for name, value in images.items():
+            set_(self, name, value)
 
     @property
     def is_raw(self) -> bool:
@@ -163,6 +236,13 @@ class GenerateRequest:
             arrays["OUTPUT_FORMAT"] = _bytes_tensor(self.output_format)
         if self.loras:
             arrays["LORA"] = _bytes_tensor(lora_text(self.loras))
+        for argument, input_name in IMAGE_ARGUMENTS.items():
+            data = getattr(self, argument)
+            if data is not None:
+                arrays[input_name] = np.array([[data]], dtype=np.object_)
+        for name, value in (("STRENGTH", self.strength), ("CONTROL_SCALE", self.control_scale)):
+            if value is not None:
+                arrays[name] = np.array([[value]], dtype=np.float32)
         return arrays
 
     def output_names(self) -> Tuple[str, ...]:

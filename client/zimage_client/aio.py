@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 from ._calls import Calls
 from ._fanout import ProgressHook, ProgressReporter, build_requests, check_concurrency, collect_results
 from ._readiness import ReadinessWait, readiness_checks
-from ._tensors import GenerateRequest, parse_result
+from ._tensors import GenerateRequest, ImageArgument, parse_result
 from ._transport import Transport
 from .errors import ZImageError
 from .generated_image import GeneratedImage
@@ -182,6 +182,11 @@ class AsyncZImageClient:
         seed: Optional[int] = None,
         output_format: Optional[str] = "png",
         loras: Optional[Mapping[str, Optional[float]]] = None,
+        image: Optional[ImageArgument] = None,
+        strength: Optional[float] = None,
+        mask: Optional[ImageArgument] = None,
+        control_image: Optional[ImageArgument] = None,
+        control_scale: Optional[float] = None,
     ) -> GeneratedImage:
         """Generate one image; see ``ZImageClient.generate``."""
         request = GenerateRequest(
@@ -194,6 +199,11 @@ class AsyncZImageClient:
             seed=seed,
             output_format=output_format,
             loras=loras,
+            image=image,
+            strength=strength,
+            mask=mask,
+            control_image=control_image,
+            control_scale=control_scale,
         )
         self._client()
         await self._ensure_ready()
@@ -213,6 +223,11 @@ class AsyncZImageClient:
         seed: Union[int, Sequence[int], None] = None,
         output_format: Optional[str] = "png",
         loras: Optional[Mapping[str, Optional[float]]] = None,
+        image: Optional[ImageArgument] = None,
+        strength: Optional[float] = None,
+        mask: Optional[ImageArgument] = None,
+        control_image: Optional[ImageArgument] = None,
+        control_scale: Optional[float] = None,
     ) -> List[GeneratedImage]:
         """One image per prompt in prompt order; same semantics as ``ZImageClient.generate_many``.
 
@@ -233,6 +248,11 @@ class AsyncZImageClient:
             guidance_scale=guidance_scale,
             output_format=output_format,
             loras=loras,
+            image=image,
+            strength=strength,
+            mask=mask,
+            control_image=control_image,
+            control_scale=control_scale,
         )
         self._client()
         if not requests:

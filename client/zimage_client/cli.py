@@ -27,7 +27,7 @@ from typing import Iterator, List, Optional, Sequence, TextIO, Tuple
 from tqdm import tqdm
 
 from ._endpoint import PROTOCOLS
-from ._tensors import OUTPUT_FORMATS
+from ._tensors import IMAGE_ARGUMENT_NAMES, OUTPUT_FORMATS, image_arguments
 from .client import ZImageClient
 from .errors import InvalidRequestError, ZImageError
 from .generated_image import GeneratedImage
@@ -81,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a LoRA adapter of the server, with its scale (the server's default if omitted); "
              "repeat for several")
     add("--list-adapters", action="store_true", help="print the server's LoRA adapters as JSON and exit")
+    # Image inputs (issue 14): files read here and sent with every prompt.
+    add("--image", type=Path, metavar="FILE",
+        help="PNG, JPEG or WebP file to start from: image-to-image, or inpainting with --mask")
+    add("--strength", type=float, metavar="S",
+        help="how much of --image is repainted, in (0, 1] (server default if omitted)")
+    add("--mask", type=Path, metavar="FILE", help="image, white where to repaint --image: inpainting")
+    add("--control-image", type=Path, metavar="FILE",
+        help="ControlNet control image (edges, depth, pose, ...); the server needs a configured ControlNet")
+    add("--control-scale", type=float, metavar="SCALE",
+        help="weight of the control image's guidance (server default if omitted)")
     return parser
 
 
@@ -204,6 +214,8 @@ def _run(args: argparse.Namespace) -> int:
 
     show_bar = len(prompts) > 1 and not args.no_progress
     try:
+        # Files are read before waiting for the server, so a wrong path fails at once.
+        images = image_arguments(**{name: getattr(args, name) for name in IMAGE_ARGUMENT_NAMES})
         # disable=None lets tqdm hide the bar when stderr is not a terminal.
         bar = tqdm(total=len(prompts), unit="img", disable=None if show_bar else True, file=sys.stderr)
         with client, bar:
@@ -232,6 +244,7 @@ def _run(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 output_format=args.output_format,
                 loras=dict(args.lora) or None,
+                **images,
             )
     except ZImageError as exc:
         return _report_failure(exc)

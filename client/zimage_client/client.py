@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 from ._calls import Calls
 from ._fanout import ProgressHook, ProgressReporter, build_requests, check_concurrency, collect_results
 from ._readiness import ReadinessWait, readiness_checks
-from ._tensors import GenerateRequest, parse_result
+from ._tensors import GenerateRequest, ImageArgument, parse_result
 from ._transport import Transport
 from .errors import ZImageError
 from .generated_image import GeneratedImage
@@ -259,12 +259,25 @@ class ZImageClient:
         seed: Optional[int] = None,
         output_format: Optional[str] = "png",
         loras: Optional[Mapping[str, Optional[float]]] = None,
+        image: Optional[ImageArgument] = None,
+        strength: Optional[float] = None,
+        mask: Optional[ImageArgument] = None,
+        control_image: Optional[ImageArgument] = None,
+        control_scale: Optional[float] = None,
     ) -> GeneratedImage:
         """Generate one image.
 
         Arguments left as None are not sent, so the server's defaults apply
         (including a random seed; the seed used is in the result).  Server-side
         validation errors raise ``InvalidRequestError`` with the server's message.
+
+        Image inputs (each a path, read here, bytes of a PNG, JPEG or WebP file, or a PIL
+        image, sent as PNG): ``image`` with ``strength`` is image-to-image; ``mask`` (white
+        where to repaint) with ``image`` is inpainting; ``control_image`` with
+        ``control_scale`` is ControlNet guidance (the server needs a configured ControlNet).
+        ``strength`` and ``control_scale`` left None take the server's defaults. A part
+        given without the one it needs (``mask`` without ``image``, ...) raises
+        ``ValueError``, an argument of the wrong type ``TypeError``, before anything is sent.
         """
         request = GenerateRequest(
             prompt,
@@ -276,6 +289,11 @@ class ZImageClient:
             seed=seed,
             output_format=output_format,
             loras=loras,
+            image=image,
+            strength=strength,
+            mask=mask,
+            control_image=control_image,
+            control_scale=control_scale,
         )
         self._check_open()
         self._ensure_ready()
@@ -295,12 +313,18 @@ class ZImageClient:
         seed: Union[int, Sequence[int], None] = None,
         output_format: Optional[str] = "png",
         loras: Optional[Mapping[str, Optional[float]]] = None,
+        image: Optional[ImageArgument] = None,
+        strength: Optional[float] = None,
+        mask: Optional[ImageArgument] = None,
+        control_image: Optional[ImageArgument] = None,
+        control_scale: Optional[float] = None,
     ) -> List[GeneratedImage]:
         """Generate one image per prompt, returned in prompt order.
 
         Each prompt is its own request and up to ``concurrency`` are in flight at
         once, so every model instance always has a request waiting.  ``seed`` is
-        either a base (prompt ``i`` uses ``seed + i``) or one seed per prompt.
+        either a base (prompt ``i`` uses ``seed + i``) or one seed per prompt. Image
+        arguments are as for ``generate`` and apply to every prompt (read once).
 
         ``progress`` is called as ``progress(index, image_or_exception)`` when each
         prompt finishes (in completion order, one call at a time, from worker
@@ -323,6 +347,11 @@ class ZImageClient:
             guidance_scale=guidance_scale,
             output_format=output_format,
             loras=loras,
+            image=image,
+            strength=strength,
+            mask=mask,
+            control_image=control_image,
+            control_scale=control_scale,
         )
         self._check_open()
         if not requests:

@@ -13,19 +13,20 @@ import json
 import logging
 import time
 from importlib import resources
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from zimage_client import GeneratedImage, ZImageError
 
 from .auth import ApiKeys
-from .errors import ApiError, from_client_error
+from .errors import ApiError, from_client_error, invalid
 from .limits import KeyLimiter
 from .metrics import GatewayMetrics
-from .params import ImageRequest, parse_generation
+from .params import EDIT_FILES, ImageRequest, parse_edit, parse_generation
 from .pool import ServerPool
 from .settings import GatewaySettings
 
@@ -35,6 +36,9 @@ _LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 # nginx's "client closed request": nobody reads it, but the access log and metrics show it.
 CLIENT_LEFT_STATUS = 499
+# An edit form's text fields: OpenAI's and ours number about twenty, none long but the prompt.
+_MAX_FORM_FIELDS = 40
+_MAX_FORM_FIELD_BYTES = 64 * 1024
 # The playground's files by URL path: a fixed table, so no part of a request names a file.
 _PAGES = {"/": ("playground.html", "text/html; charset=utf-8"),
           "/playground.js": ("playground.js", "text/javascript; charset=utf-8"),
@@ -77,20 +81,60 @@ async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+async def _limited_body(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The body's chunks, refused with a 413 once they pass ``limit`` bytes (or say they will)."""
     too_large = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise too_large
-    body = bytearray()
+    received = 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+        received += len(chunk)
+        if received > limit:
             raise too_large
+        yield chunk
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    body = bytearray()
+    async for chunk in _limited_body(request, limit):
+        body += chunk
     try:
         return json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+
+
+async def _read_edit_form(request: Request, limit: int) -> Tuple[Dict[str, str], Dict[str, List[bytes]]]:
+    """An edit's multipart form as its text fields and its files by field name."""
+    kind = request.headers.get("content-type", "")
+    if kind.split(";")[0].strip().lower() != "multipart/form-data":
+        raise ApiError(400, f"the request body must be multipart/form-data (OpenAI's images edit form), "
+                            f"got {kind[:100]!r}", code="invalid_form")
+    parser = MultiPartParser(request.headers, _limited_body(request, limit), max_files=len(EDIT_FILES) + 1,
+                             max_fields=_MAX_FORM_FIELDS, max_part_size=_MAX_FORM_FIELD_BYTES)
+    # In memory up to the body limit: the gateway's root filesystem is read-only (deploy/kubernetes).
+    parser.spool_max_size = limit
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise ApiError(400, f"the multipart form cannot be read: {exc.message}", code="invalid_form") from None
+    fields: Dict[str, str] = {}
+    files: Dict[str, List[bytes]] = {}
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                if name in fields:
+                    raise invalid(name, "is given more than once; each field is allowed once")
+                fields[name] = value
+            elif name in EDIT_FILES:
+                files.setdefault(name, []).append(await value.read())
+            else:
+                raise ApiError(400, f"unknown file parameter: {name!r}; files are allowed as "
+                                    f"{', '.join(EDIT_FILES)}", param=name, code="unknown_parameter")
+    finally:
+        await form.close()
+    return fields, files
 
 
 def images_body(images: List[GeneratedImage], output_format: str) -> bytes:
@@ -194,13 +238,21 @@ def create_app(settings: GatewaySettings, pool: Optional[ServerPool] = None) -> 
         return await answer("generations", handle)
 
     @app.post("/v1/images/edits")
+    async def edits(request: Request) -> Response:
+        async def handle() -> Response:
+            key = authenticate(request)
+            fields, files = await _read_edit_form(request, settings.max_image_bytes)
+            params = parse_edit(fields, files, model_id=settings.model_id, max_n=settings.max_n)
+            return await generate(request, key, params)
+        return await answer("edits", handle)
+
     @app.post("/v1/images/variations")
-    async def image_inputs(request: Request) -> Response:
+    async def variations(request: Request) -> Response:
         async def handle() -> Response:
             authenticate(request)
-            raise ApiError(501, f"{request.url.path} is not served yet: the servers take no image inputs",
-                           code="unsupported_endpoint")
-        return await answer("image_inputs", handle)
+            raise ApiError(501, "/v1/images/variations is not served: it is DALL-E 2's prompt-less variation; "
+                                "use /v1/images/edits with a prompt", code="unsupported_endpoint")
+        return await answer("variations", handle)
 
     def model_entry() -> Dict[str, Any]:
         return {"id": settings.model_id, "object": "model", "created": 0, "owned_by": "zimage-triton"}

@@ -37,6 +37,9 @@ _PARAM_OF_INPUT = {
     "GUIDANCE_SCALE": "guidance_scale",
     "SEED": "seed",
     "OUTPUT_FORMAT": "output_format",
+    "IMAGE_INPUT": "image",
+    "MASK": "mask",
+    "STRENGTH": "strength",
 }
 _INPUT_NAMED = re.compile(r"^([A-Z_]+):|'([A-Z_]+)'")
 

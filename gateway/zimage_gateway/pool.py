@@ -65,7 +65,8 @@ class ServerPool:
                 image = await server.client.generate(
                     request.prompt, negative_prompt=request.negative_prompt, height=request.height,
                     width=request.width, num_inference_steps=request.num_inference_steps,
-                    guidance_scale=request.guidance_scale, seed=seed, output_format=request.output_format)
+                    guidance_scale=request.guidance_scale, seed=seed, output_format=request.output_format,
+                    image=request.image, mask=request.mask, strength=request.strength)
             except _RETRIED as exc:
                 tried.append(server)
                 if len(tried) > self._retries:

@@ -28,6 +28,8 @@ class GatewaySettings:
     triton_model: str = "zimage"
     max_n: int = 4
     max_body_bytes: int = 65536
+    # An edit's multipart body: a 2048x2048 photo is a PNG of about 12 MiB.
+    max_image_bytes: int = 20 * 2**20
     max_concurrent_per_key: int = 4
     max_waiting_per_key: int = 8
     max_wait_s: float = 30.0
@@ -47,7 +49,7 @@ class GatewaySettings:
         if not self.api_keys and not self.allow_anonymous:
             raise ValueError(f"no API keys: give --api-key-file or ${KEYS_ENV}, or --allow-anonymous "
                              f"for a gateway that only trusted clients can reach")
-        for name in ("max_n", "max_body_bytes", "max_concurrent_per_key", "keep_alive_s"):
+        for name in ("max_n", "max_body_bytes", "max_image_bytes", "max_concurrent_per_key", "keep_alive_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_waiting_per_key", "retries"):
@@ -95,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     add("triton-model", help="the model's name on the Triton servers")
     add("max-n", int, "most images one request may ask for")
     add("max-body-bytes", int, "largest request body")
+    add("max-image-bytes", int, "largest body of /v1/images/edits (its image and mask files included)")
     add("max-concurrent-per-key", int, "requests of one API key generating at once")
     add("max-waiting-per-key", int, "requests of one API key waiting for a slot; more get 429")
     add("max-wait-s", float, "longest wait for a slot before 429")

@@ -266,15 +266,17 @@ def metadata_of(outputs: dict[str, np.ndarray]) -> list[dict]:
 
 
 def perf_analyzer(server, tmp_path: Path, steps: int, args: Sequence[str],
-                  timeout_s: float = 300) -> str:
+                  timeout_s: float = 300, inputs: Path | None = None) -> str:
     """perf/perf_analyzer.sh over gRPC with the shipped inputs made CPU-sized (64x64, `steps`
-    steps); asserts it exited 0 and returns its output."""
+    steps), or with the input data file `inputs` as it is; asserts it exited 0 and returns its
+    output."""
     root = Path(__file__).resolve().parents[2]
-    data = json.loads((root / "perf" / "inputs.json").read_text())
-    for row in data["data"]:  # the shipped file is for GPUs
-        row.update(HEIGHT=[64], WIDTH=[64], NUM_INFERENCE_STEPS=[steps])
-    inputs = tmp_path / "inputs.json"
-    inputs.write_text(json.dumps(data))
+    if inputs is None:
+        data = json.loads((root / "perf" / "inputs.json").read_text())
+        for row in data["data"]:  # the shipped file is for GPUs
+            row.update(HEIGHT=[64], WIDTH=[64], NUM_INFERENCE_STEPS=[steps])
+        inputs = tmp_path / "inputs.json"
+        inputs.write_text(json.dumps(data))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     run = subprocess.run([str(root / "perf" / "perf_analyzer.sh"), str(inputs), "-i", "grpc",
                           "-u", server.grpc_url, *args],

@@ -204,15 +204,6 @@ def test_the_grpc_deadline_is_504(server, tmp_path):
         assert time.perf_counter() - started < 10
 
 
-def test_edits_are_refused_until_image_inputs_land(gateway):
-    with pytest.raises(openai.InternalServerError) as raised:
-        sdk(gateway).images.edit(image=("in.png", b"\x89PNG", "image/png"), prompt="make it blue")
-    assert raised.value.status_code == 501 and "not served yet" in raised.value.message
-    with pytest.raises(openai.AuthenticationError):
-        sdk(gateway, "wrong-key-0123456789abcdef").images.edit(image=("in.png", b"x", "image/png"),
-                                                             prompt="make it blue")
-
-
 def test_no_server_reachable_is_503(server, tmp_path):
     dead = f"grpc://127.0.0.1:{free_port()}"
     with GatewayProcess([dead], tmp_path, "--retries=1", "--retry-backoff-s=0.05",

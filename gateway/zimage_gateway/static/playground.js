@@ -1,5 +1,6 @@
-// The playground: one POST /v1/images/generations per click, each image added to the gallery
-// with its seed and timings. The key stays in this tab (sessionStorage), never in a URL.
+// The playground: one POST /v1/images/generations per click (/v1/images/edits, a multipart form,
+// when an image to edit is chosen), each image added to the gallery with its seed and timings.
+// The key stays in this tab (sessionStorage), never in a URL.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -47,9 +48,23 @@ async function generate(event) {
   $("generate").disabled = true;
   const started = performance.now();
   try {
-    const headers = { "content-type": "application/json" };
+    const headers = {};
     if (key) headers.authorization = `Bearer ${key}`;
-    const response = await fetch("v1/images/generations", { method: "POST", headers, body: JSON.stringify(body) });
+    const file = $("image").files[0];
+    let response;
+    if (file) {
+      // The browser sets the multipart boundary itself: no content-type header here.
+      const form = new FormData();
+      form.append("image", file);
+      body.strength = $("strength").value.trim() === "" ? undefined : $("strength").value.trim();
+      for (const [name, value] of Object.entries(body)) {
+        if (value !== undefined) form.append(name, String(value));
+      }
+      response = await fetch("v1/images/edits", { method: "POST", headers, body: form });
+    } else {
+      headers["content-type"] = "application/json";
+      response = await fetch("v1/images/generations", { method: "POST", headers, body: JSON.stringify(body) });
+    }
     const answer = await response.json();
     if (!response.ok) {
       throw new Error(answer.error ? answer.error.message : `HTTP ${response.status}`);
