@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import controlnets, optimizations, random_models
 from .request import (CONTROL_MODES, CONTROLNET, CONTROLNET_INPAINT, IMAGE_TO_IMAGE, INPAINT,
@@ -206,7 +207,25 @@ class Engine:
                             for i in range(size)]
                 result = self.run(requests)
                 log.info("warmup %dx%d x%d: %s", height, width, size, result.timings_ms)
+            if compiled:
+                self._warm_image_modes(base)
         return time.perf_counter() - started
+
+    def _warm_image_modes(self, base: GenerationRequest) -> None:
+        """One image-to-image and, with a ControlNet, one ControlNet image at a warmup size:
+        the transformer's compiled code meets the control hints there for the first time and
+        compiles again, and the VAE encoder picks its convolution kernels (10.5 s and 2.2 s
+        for the first such request on an H200: bench/results/2026-12-01-h200b/NOTES.md).
+        The inpainting modes run the same code with other inputs."""
+        gray = Image.new("RGB", (base.width, base.height), (128, 128, 128))
+        modes = [dataclasses.replace(base, image=gray, strength=1.0)]
+        if self.controlnet is not None:
+            modes.append(dataclasses.replace(base, control_image=gray,
+                                             control_scale=self.settings.defaults.control_scale))
+        for request in modes:
+            result = self.run([request])
+            log.info("warmup %dx%d %s: %s", base.height, base.width, request.mode,
+                     result.timings_ms)
 
     @functools.cached_property
     def _template_parts(self) -> tuple[list[int], list[int]]:

@@ -183,3 +183,19 @@ def test_image_to_image_with_a_lora_adapter_is_diffusers_image(image_settings, f
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
     without = engine.run([dataclasses.replace(request, loras=())]).pixels[0]
     assert far_apart(got, without)
+
+
+def test_compiled_warmup_runs_the_modes_that_compile_again(image_engine, monkeypatch):
+    """A compiled engine warms image-to-image (the VAE encoder) and ControlNet (the
+    transformer with control hints) at every warmup size before ready, so no client's first
+    request of a mode pays a compile."""
+    ran = []
+    run = image_engine.run
+    monkeypatch.setattr(image_engine, "run", lambda requests, *a, **k: (
+        ran.extend((r.mode, r.height, r.width) for r in requests), run(requests, *a, **k))[1])
+    monkeypatch.setattr(image_engine.report, "outcomes", list(image_engine.report.outcomes))
+    image_engine.report.add("torch_compile", "applied", "as on a GPU")
+    image_engine._warmup()
+    for height, width in image_engine.settings.optimizations.warmup.sizes:
+        for mode in (IMAGE_TO_IMAGE, CONTROLNET):
+            assert (mode, height, width) in ran
