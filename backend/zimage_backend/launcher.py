@@ -13,6 +13,7 @@ from types import FrameType
 from typing import Sequence
 
 from .checked_settings import load_checked_settings
+from .cpu_instances import DEFAULT_CPU_INSTANCES
 from .settings import SettingsError
 from .triton_error import TritonServerError
 from .triton_process import DEFAULT_READY_TIMEOUT_S, TritonServer
@@ -44,7 +45,12 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--log-file", type=Path, default=None, help="server log file; default: this process's output")
     parser.add_argument("--tritonserver", default=None, help="tritonserver binary to run")
+    parser.add_argument("--cpu-instances", type=int, default=DEFAULT_CPU_INSTANCES,
+                        help="instances of the model when the server sees no GPU (one sequential "
+                        "client stalls 500 ms in Triton's queue with one); GPUs keep one each")
     args = parser.parse_args(argv)
+    if args.cpu_instances < 1:
+        parser.error(f"--cpu-instances must be at least 1, got {args.cpu_instances}")
     if not args.config.is_file():
         parser.error(f"config file not found: {args.config.resolve()} (pass --config)")
     if not args.model_repository.is_dir():
@@ -100,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tritonserver=args.tritonserver,
             extra_args=extra,
             log_file=args.log_file,
+            cpu_instances=args.cpu_instances,
         )
         server.start()
         code = None

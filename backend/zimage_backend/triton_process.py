@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
+import json
 import logging
 import os
 import secrets
@@ -24,6 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Mapping, Sequence
 
+from .cpu_instances import DEFAULT_CPU_INSTANCES, cpu_overrides, threads_per_instance
+from .cuda_devices import server_sees_gpus
 from .listening_sockets import listening_ports
 from .python_backend import (default_cache_dir, new_shm_prefix, prepare_backend_dir,
                              prepare_libpython_dir, remove_shm_regions, shm_prefix_arg,
@@ -123,12 +126,17 @@ class TritonServer:
         log_file: str | os.PathLike[str] | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
+        cpu_instances: int = DEFAULT_CPU_INSTANCES,
     ) -> None:
         """Port 0 means "pick a free port" (at construction, so the URLs are known early).
 
         ``log_file=None`` lets the server write to this process's stdout/stderr.
         ``model`` is the model whose readiness ``wait_until_ready`` also checks.
+        ``cpu_instances``: instances of each KIND_AUTO model when the server sees no GPU
+        (cpu_instances.py says why); 1 loads config.pbtxt unchanged.
         """
+        if cpu_instances < 1:
+            raise TritonServerError(f"cpu_instances must be at least 1, got {cpu_instances}")
         self.model_repository = Path(model_repository).resolve()
         self.config_path = Path(config_path).resolve() if config_path is not None else None
         self.model = model
@@ -147,6 +155,12 @@ class TritonServer:
         self._cache_dir = Path(cache_dir) if cache_dir is not None else None
         # Ours unless the extra arguments set one: either way, stop() removes exactly these.
         self.shm_prefix = shm_prefix_in(self.extra_args) or new_shm_prefix()
+        self.cpu_instances = cpu_instances
+        # Models that wait_until_ready loads through the repository API, with their override
+        # config (decided in start(), once the server's environment is known).
+        self._overrides: dict[str, str] = {}
+        self._loading: threading.Thread | None = None
+        self._load_error: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._log_handle: IO[bytes] | None = None
 
@@ -190,7 +204,7 @@ class TritonServer:
             str(self.binary),
             f"--model-repository={self.model_repository}",
             "--model-control-mode=explicit",
-            "--load-model=*",
+            *self._startup_loads(),
             f"--http-restricted-api={restricted}",
             f"--grpc-restricted-protocol={restricted}",
             f"--http-address={self.address}",
@@ -209,6 +223,15 @@ class TritonServer:
         if shm_prefix_in(self.extra_args) is None:
             cmd.append(shm_prefix_arg(self.shm_prefix))
         return cmd + self.extra_args
+
+    def _startup_loads(self) -> list[str]:
+        # Models with an override load once the server is up (wait_until_ready): Triton has
+        # no command-line form of a config override, and loading them as config.pbtxt says
+        # first would load them twice (a reload took 102 s on the 2-core machine).
+        if not self._overrides:
+            return ["--load-model=*"]
+        others = sorted(p.parent.name for p in self.model_repository.glob("*/config.pbtxt"))
+        return [f"--load-model={name}" for name in others if name not in self._overrides]
 
     def build_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ if base is None else base)
@@ -243,8 +266,16 @@ class TritonServer:
             if _port_taken(self.address, port):
                 raise TritonServerError(f"{name} port {port} on {self.address or '0.0.0.0'} is "
                                         "already in use by another process; pick another port")
-        cmd = self.build_command(self.backend_directory())
         env = self.build_env()
+        self._overrides = ({} if self.cpu_instances == 1 or server_sees_gpus(env)
+                           else cpu_overrides(self.model_repository, self.cpu_instances))
+        self._loading, self._load_error = None, None
+        if self._overrides:
+            env.setdefault("OMP_NUM_THREADS", str(threads_per_instance(self.cpu_instances)))
+            LOGGER.info("no GPU visible: %s get %d CPU instances each (config.pbtxt's "
+                        "instance_group overridden at load), OMP_NUM_THREADS=%s",
+                        ", ".join(self._overrides), self.cpu_instances, env["OMP_NUM_THREADS"])
+        cmd = self.build_command(self.backend_directory())
         output: IO[bytes] | None = None
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -315,10 +346,50 @@ class TritonServer:
             return False
         return self.is_running()
 
+    def _load_overridden(self, timeout_s: float) -> None:
+        headers = {ADMIN_HEADER: self._admin_key, "Content-Type": "application/json"}
+        for name, config in self._overrides.items():
+            body = json.dumps({"parameters": {"config": config}}).encode()
+            request = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/"
+                                             f"{name}/load", data=body, headers=headers)
+            try:
+                with _DIRECT.open(request, timeout=timeout_s):
+                    pass
+            except urllib.error.HTTPError as exc:
+                answer = exc.read().decode("utf-8", errors="replace")
+                try:
+                    answer = json.loads(answer)["error"]
+                except (ValueError, KeyError, TypeError):
+                    pass
+                self._load_error = f"model {name!r} failed to load before it was ready: {answer}"
+                return
+            except OSError as exc:
+                self._load_error = f"model {name!r} failed to load before it was ready: {exc}"
+                return
+
+    def _loads_pending(self, deadline: float) -> bool:
+        """Starts the override loads once the server answers, and says whether any remain."""
+        if not self._overrides:
+            return False
+        if self._loading is None:
+            if not self.owns_http_port() or not self._url_ok("/v2/health/live"):
+                return True
+            # A thread: the load call returns only once the model is loaded, and an interrupt
+            # or the server's death must be seen meanwhile.
+            self._loading = threading.Thread(
+                target=self._load_overridden, args=(max(1.0, deadline - time.monotonic()),),
+                name="zimage-load-overridden", daemon=True)
+            self._loading.start()
+        if self._loading.is_alive():
+            return True
+        if self._load_error is not None:
+            raise self.failure(self._load_error)
+        return False
+
     def wait_until_ready(self, timeout_s: float | None = None,
                          interrupt: threading.Event | None = None) -> bool:
         """True once ready; False as soon as `interrupt` is set. Raises, with the log tail, the
-        moment the server exits or when `timeout_s` passes."""
+        moment the server exits or a model fails to load, or when `timeout_s` passes."""
         timeout_s = self.ready_timeout_s if timeout_s is None else timeout_s
         if self._process is None:
             raise TritonServerError("tritonserver was not started")
@@ -328,7 +399,7 @@ class TritonServer:
             code = self._process.poll()
             if code is not None:
                 raise self.failure(f"tritonserver exited with code {code} before it was ready")
-            if self.is_ready():
+            if not self._loads_pending(deadline) and self.is_ready():
                 return True
             if time.monotonic() > deadline:
                 what = f"model {self.model!r}" if self.model else "tritonserver"

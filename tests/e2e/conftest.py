@@ -1,5 +1,5 @@
 """One real tritonserver for the end-to-end tests: our model repository, the shipped
-config.yaml (tiny random pipeline on a CPU instance), free ports on loopback."""
+config.yaml (tiny random pipeline on one CPU instance), free ports on loopback."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ _TALLY = pytest.StashKey[Tally]()
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     log_file = tmp_path_factory.mktemp("triton") / "server.log"
+    # One instance, not the two a GPU-less server gets (test_cpu_stalls.py): the queueing
+    # tests hold "the" instance with one slow request.
     triton = TritonServer(ROOT / "model_repository", config_path=CONFIG, http_port=0,
-                          grpc_port=0, metrics_port=0, log_file=log_file)
+                          grpc_port=0, metrics_port=0, log_file=log_file, cpu_instances=1)
     with triton:
         yield triton
     assert triton.returncode == 0, triton.log_tail()

@@ -2,6 +2,7 @@
 
 A server of its own, started with ZIMAGE_FAULT_CALL: its second pipeline call fails the way a
 sticky CUDA error does (on a GPU, bench/failure_served.py makes a real device-side assert).
+One instance, as on one GPU: the calls it counts are that instance's.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def breaking_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("broken") / "server.log"
     server = TritonServer(ROOT / "model_repository", config_path=CONFIG, http_port=0,
                           grpc_port=0, metrics_port=0, log_file=log,
-                          extra_env={FAULT_ENV: "2"})
+                          extra_env={FAULT_ENV: "2"}, cpu_instances=1)
     with server:
         yield server
 

@@ -49,7 +49,7 @@ def impostor(port: int) -> Iterator[None]:
         thread.join(timeout=5)
 
 
-def _serve(ports: list[int], log_file: Path) -> ServeCli:
+def _serve(ports: list[int], log_file: Path, *extra: str) -> ServeCli:
     return ServeCli([
         "--config", str(CONFIG),
         "--model-repository", str(ROOT / "model_repository"),
@@ -58,6 +58,7 @@ def _serve(ports: list[int], log_file: Path) -> ServeCli:
         "--metrics-port", str(ports[2]),
         "--ready-timeout-s", "300",
         "--log-file", str(log_file),
+        *extra,
     ])  # fmt: skip
 
 
@@ -81,7 +82,8 @@ def test_a_port_held_before_the_start_fails_at_once(tmp_path):
 
 def test_a_port_taken_while_the_model_loads_is_never_ready(tmp_path):
     ports = free_ports(3)
-    cli = _serve(ports, tmp_path / "server.log")
+    # One instance: a GPU-less server's two load after it has bound its ports (cpu_instances.py).
+    cli = _serve(ports, tmp_path / "server.log", "--cpu-instances", "1")
     try:
         assert cli.wait_for("starting ", timeout=30), cli.output
         # tritonserver binds its ports only after the model has loaded, seconds from now.

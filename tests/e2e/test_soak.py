@@ -151,8 +151,10 @@ def small_queue_server(tmp_path_factory):
     settings = yaml.safe_load(CONFIG.read_text())
     settings["optimizations"]["warmup"]["sizes"] = [[64, 64]]  # start faster; same model
     (root / "config.yaml").write_text(yaml.safe_dump(settings))
+    # One instance, for the slow request below to hold.
     triton = TritonServer(root / "repository", config_path=root / "config.yaml", http_port=0,
-                          grpc_port=0, metrics_port=0, log_file=root / "server.log")
+                          grpc_port=0, metrics_port=0, log_file=root / "server.log",
+                          cpu_instances=1)
     with triton:
         yield triton
     assert triton.returncode == 0, triton.log_tail()

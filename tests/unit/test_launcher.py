@@ -22,8 +22,8 @@ import yaml
 
 from tests.conftest import CONFIG
 from tests.serve_cli import ServeCli
-from zimage_backend import (launcher, listening_sockets, python_backend, triton_binary,
-                            triton_process)
+from zimage_backend import (cpu_instances, cuda_devices, launcher, listening_sockets,
+                            python_backend, triton_binary, triton_process)
 from zimage_backend.triton_error import TritonServerError
 from zimage_backend.triton_process import TritonServer
 
@@ -53,8 +53,9 @@ class TritonPythonModel:
         probe = os.environ.get("ECHO_PROBE_FILE")
         if probe:
             import ssl  # noqa: F401  fails when the stub picked up the wrong libpython
-            with open(probe, "w") as f:
-                f.write(sys.prefix + "\\n" + os.environ.get("ZIMAGE_CONFIG", "") + "\\n")
+            with open(probe, "a") as f:
+                f.write(sys.prefix + "\\n" + os.environ.get("ZIMAGE_CONFIG", "") + "\\n"
+                        + os.environ.get("OMP_NUM_THREADS", "") + "\\n")
 
     def execute(self, requests):
         responses = []
@@ -460,7 +461,7 @@ def test_real_server_serves_echo_model_and_stops(
             # An open keep-alive connection makes tritonserver wait out its exit timeout.
             client.close()
         np.testing.assert_array_equal(result, data)
-        prefix, zimage_config = probe.read_text().splitlines()
+        prefix, zimage_config, _ = probe.read_text().splitlines()
         assert prefix == sys.prefix, "the stub must run in this venv"
         assert zimage_config == str(config_file.resolve())
         process = server.process
@@ -562,3 +563,120 @@ def test_cli_returns_the_servers_exit_code_when_the_model_fails(
                       env={"ECHO_FAIL": "1"})
     assert cli.wait(timeout=60) != 0
     assert "echo model refused to start" in cli.output, "the error must quote the server log"
+
+
+# --- CPU instances: config.pbtxt's instance_group overridden on a host without GPUs -----------
+
+
+SHIPPED_PBTXT = Path(__file__).resolve().parents[2] / "model_repository" / "zimage" / "config.pbtxt"
+
+
+def test_the_cpu_override_is_config_pbtxt_with_only_the_instance_group_changed() -> None:
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    override = cpu_instances.cpu_override(SHIPPED_PBTXT, 2)
+    assert override is not None
+    served = json_format.Parse(override, model_config_pb2.ModelConfig())
+    assert [(g.kind, g.count, list(g.gpus)) for g in served.instance_group] == [
+        (model_config_pb2.ModelInstanceGroup.KIND_CPU, 2, [])]
+    shipped = text_format.Parse(SHIPPED_PBTXT.read_text(), model_config_pb2.ModelConfig())
+    assert shipped.dynamic_batching.default_queue_policy.max_queue_size == 16  # a real config
+    del served.instance_group[:], shipped.instance_group[:]
+    assert served == shipped
+
+
+@pytest.mark.parametrize("group, count", [
+    ("{ kind: KIND_CPU count: 1 }", 2),  # the operator's choice
+    ("{ kind: KIND_GPU count: 1 }", 2),
+    ("{ kind: KIND_AUTO count: 1 gpus: [ 0 ] }", 2),
+    ("{ kind: KIND_AUTO count: 1 }", 1),  # what KIND_AUTO gives anyway
+], ids=["cpu", "gpu", "auto-with-gpus", "one"])
+def test_no_override_where_the_config_chose_or_one_is_asked(tmp_path: Path, group: str,
+                                                            count: int) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.pbtxt").write_text(f'backend: "python"\ninstance_group [ {group} ]\n')
+    assert cpu_instances.cpu_override(tmp_path / "m" / "config.pbtxt", count) is None
+    assert cpu_instances.cpu_overrides(tmp_path, count) == {}
+
+
+def test_instances_share_the_cores_they_may_run_on() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_instances.threads_per_instance(1) == cores
+    assert cpu_instances.threads_per_instance(cores) == 1
+    assert cpu_instances.threads_per_instance(4 * cores) == 1
+
+
+def test_cli_rejects_fewer_than_one_cpu_instance(config_file: Path, echo_repo: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        launcher.main(["--config", str(config_file), "--model-repository", str(echo_repo),
+                       "--cpu-instances", "0"])
+    assert exc.value.code == 2
+    assert "--cpu-instances must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.fixture
+def auto_echo_repo(echo_repo: Path) -> Path:
+    config = echo_repo / "echo" / "config.pbtxt"
+    config.write_text(config.read_text().replace("kind: KIND_CPU", "kind: KIND_AUTO"))
+    return echo_repo
+
+
+def served_config(server: TritonServer, model: str) -> dict:
+    import json
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{server.http_url}/v2/models/{model}/config", timeout=10) as answer:
+        return json.load(answer)
+
+
+@needs_wheel
+@pytest.mark.skipif(cuda_devices.server_sees_gpus(os.environ), reason="needs a host without GPUs")
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_gpu_less_server_runs_auto_models_with_cpu_instances_threads_shared(
+    count: int, auto_echo_repo: Path, shared_cache: Path, tmp_path: Path
+) -> None:
+    import tritonclient.http as httpclient
+
+    probe = tmp_path / "probe.txt"
+    server = TritonServer(auto_echo_repo, model="echo", http_port=0, grpc_port=0, metrics_port=0,
+                          log_file=tmp_path / "server.log", cache_dir=shared_cache,
+                          extra_env={"ECHO_PROBE_FILE": str(probe)}, ready_timeout_s=60,
+                          cpu_instances=count)
+    with server:
+        config = served_config(server, "echo")
+        client = httpclient.InferenceServerClient(server.http_url)
+        try:
+            data = np.array([5], dtype=np.int32)
+            inp = httpclient.InferInput("INPUT0", list(data.shape), "INT32")
+            inp.set_data_from_numpy(data)
+            np.testing.assert_array_equal(client.infer("echo", [inp]).as_numpy("OUTPUT0"), data)
+        finally:
+            client.close()
+    assert server.returncode == 0
+    assert [(g["kind"], g["count"]) for g in config["instance_group"]] == [("KIND_CPU", count)]
+    # Each instance wrote its three lines; one instance keeps torch's own thread count, and
+    # an OMP_NUM_THREADS given to the launcher wins.
+    shared = str(cpu_instances.threads_per_instance(count)) if count > 1 else ""
+    threads = probe.read_text().splitlines()[2::3]
+    assert threads == [os.environ.get("OMP_NUM_THREADS", shared)] * count
+
+
+@needs_wheel
+@pytest.mark.skipif(cuda_devices.server_sees_gpus(os.environ), reason="needs a host without GPUs")
+def test_a_model_that_fails_its_overridden_load_fails_the_start(
+    auto_echo_repo: Path, shared_cache: Path, tmp_path: Path
+) -> None:
+    server = TritonServer(auto_echo_repo, model="echo", http_port=0, grpc_port=0, metrics_port=0,
+                          log_file=tmp_path / "server.log", cache_dir=shared_cache,
+                          extra_env={"ECHO_FAIL": "1"})
+    server.start()
+    try:
+        with pytest.raises(TritonServerError, match="model 'echo' failed to load before it was "
+                                                    "ready: .*echo model refused to start"):
+            server.wait_until_ready(timeout_s=60)
+    finally:
+        server.stop()
+    assert not server.is_running()
