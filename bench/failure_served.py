@@ -22,14 +22,12 @@ import json
 import re
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
-from bench.common import config_with, stamp, write_json
+from bench.common import DIRECT, config_with, infer_over_http, stamp, write_json
 from bench.server import start
 from zimage_backend.triton_process import TritonServer
 
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 GIB = 2**30
 
 
@@ -42,26 +40,21 @@ def infer(server: TritonServer, prompt: str, size: int, steps: int, seed: int) -
         {"name": "NUM_INFERENCE_STEPS", "shape": [1, 1], "datatype": "INT32", "data": [steps]},
         {"name": "SEED", "shape": [1, 1], "datatype": "INT64", "data": [seed]}],
         "outputs": [{"name": "METADATA"}, {"name": "IMAGE", "parameters": {"binary_data": True}}]}
-    request = urllib.request.Request(f"http://{server.http_url}/v2/models/zimage/infer",
-                                     data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
     started = time.perf_counter()
     try:
-        with _DIRECT.open(request, timeout=600) as response:
-            raw = response.read()
-            header = int(response.headers.get("Inference-Header-Content-Length", len(raw)))
+        seconds, answer, image_bytes = infer_over_http(
+            server.http_url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     except urllib.error.HTTPError as exc:
         message = json.loads(exc.read() or b"{}").get("error", "")
         return {"ok": False, "status": exc.code, "message": message,
                 "seconds": round(time.perf_counter() - started, 3)}
-    answer = json.loads(raw[:header])
     metadata = next(o for o in answer["outputs"] if o["name"] == "METADATA")["data"][0]
     return {"ok": True, "status": 200, "metadata": json.loads(metadata),
-            "image_bytes": len(raw) - header, "seconds": round(time.perf_counter() - started, 3)}
+            "image_bytes": image_bytes, "seconds": round(seconds, 3)}
 
 
 def memory_gib(server: TritonServer) -> dict[str, float]:
-    with _DIRECT.open(f"http://{server.metrics_url}/metrics", timeout=10) as response:
+    with DIRECT.open(f"http://{server.metrics_url}/metrics", timeout=10) as response:
         text = response.read().decode()
     found = {kind: float(value) / GIB for kind, value in re.findall(
         r'^zimage_gpu_memory_bytes\{[^}]*kind="(\w+)"[^}]*\} (\S+)$', text, re.M)}
@@ -70,7 +63,7 @@ def memory_gib(server: TritonServer) -> dict[str, float]:
 
 def model_ready(server: TritonServer) -> bool:
     try:
-        with _DIRECT.open(f"http://{server.http_url}/v2/models/zimage/ready", timeout=5) as r:
+        with DIRECT.open(f"http://{server.http_url}/v2/models/zimage/ready", timeout=5) as r:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False

@@ -17,19 +17,16 @@ import io
 import json
 import statistics
 import struct
-import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from bench.common import PROMPT, config_with, stamp, write_json
+from bench.common import PROMPT, config_with, infer_over_http, stamp, write_json
 from bench.server import start
 from zimage_backend.triton_process import TritonServer
 
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 STAGES = ("text_encode", "vae_encode", "control", "denoise", "vae_decode", "image_encode")
 
 
@@ -81,19 +78,12 @@ def infer(server: TritonServer, fields: dict, size: int, steps: int, seed: int) 
         body += raw
     head = json.dumps({"inputs": header, "outputs": [
         {"name": "METADATA"}, {"name": "IMAGE", "parameters": {"binary_data": True}}]}).encode()
-    request = urllib.request.Request(
-        f"http://{server.http_url}/v2/models/zimage/infer", data=head + body, method="POST",
-        headers={"Content-Type": "application/octet-stream",
-                 "Inference-Header-Content-Length": str(len(head))})
-    started = time.perf_counter()
     try:
-        with _DIRECT.open(request, timeout=600) as response:
-            raw = response.read()
-            length = int(response.headers.get("Inference-Header-Content-Length", len(raw)))
+        seconds, answer, _ = infer_over_http(
+            server.http_url, head + body, {"Content-Type": "application/octet-stream",
+                                           "Inference-Header-Content-Length": str(len(head))})
     except urllib.error.HTTPError as exc:
         raise SystemExit(f"{sorted(fields)}: HTTP {exc.code}: {exc.read()[:500]!r}") from None
-    seconds = time.perf_counter() - started
-    answer = json.loads(raw[:length])
     metadata = next(o for o in answer["outputs"] if o["name"] == "METADATA")["data"][0]
     return {"seconds": seconds, "metadata": json.loads(metadata)}
 
