@@ -331,8 +331,6 @@ class Engine:
         noise inside the pipeline, after the VAE has sampled each image's latents from the same
         generator (diffusers' order); the others start from `_noise`, as text-to-image does."""
         first, mode = requests[0], requests[0].mode
-        if mode not in self.pipes:
-            raise ValueError(f"mode {mode} needs a ControlNet, and none is loaded")
         inputs = {}
         if mode in STRENGTH_MODES:
             inputs.update(strength=first.strength, generator=[
@@ -354,7 +352,9 @@ class Engine:
         if any(r.group_key != first.group_key for r in requests):
             raise ValueError("one pipeline call needs one mode, size, step count, guidance "
                              "and strength")
-        pipe, cfg = self.pipes.get(first.mode, self.pipe), first.guidance_scale > 0
+        pipe, cfg = self.pipes.get(first.mode), first.guidance_scale > 0
+        if pipe is None:
+            raise ValueError(f"mode {first.mode} needs a ControlNet, and none is loaded")
         timer = StageTimer(self.device)
         stage = timer.stage
         steps_done = 0
