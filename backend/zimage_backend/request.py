@@ -193,11 +193,9 @@ def _blob(value: Any) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else bytes(value)
 
 
-def _images(given: Callable[[str], Any], limits: Limits, controlnet: bool,
-            size: tuple[int, int] | None) -> dict[str, Any]:
-    """The image fields of one row: the combination rules first (no decoding for a request that
-    breaks them), then each image decoded and fitted to the generated size. `size` is HEIGHT x
-    WIDTH when the row gives both, None when it gives neither."""
+def _check_combination(given: Callable[[str], Any], controlnet: bool) -> None:
+    """Which image fields need which. Checked before the size and before any decoding, so a
+    request that cannot be served in this combination hears that first."""
     image, mask, control = (given(name) for name in ("IMAGE_INPUT", "MASK", "CONTROL_IMAGE"))
     if mask is not None and image is None:
         raise RequestError("MASK", "needs IMAGE_INPUT, the image to repaint")
@@ -212,6 +210,14 @@ def _images(given: Callable[[str], Any], limits: Limits, controlnet: bool,
                                        "(image-to-image, inpainting) only")
     if given("CONTROL_SCALE") is not None and control is None:
         raise RequestError("CONTROL_SCALE", "needs CONTROL_IMAGE")
+
+
+def _images(given: Callable[[str], Any], limits: Limits,
+            size: tuple[int, int] | None) -> dict[str, Any]:
+    """The image fields of one row, which passed `_check_combination`, decoded and fitted to the
+    generated size. `size` is HEIGHT x WIDTH when the row gives both, None when it gives
+    neither."""
+    image, mask, control = (given(name) for name in ("IMAGE_INPUT", "MASK", "CONTROL_IMAGE"))
     if image is None and control is None:
         return {}
     try:
@@ -267,6 +273,9 @@ def parse_request(
         return default if column is None else column[row]
 
     def parse_row(row: int) -> GenerationRequest:
+        def given(name: str) -> Any:
+            return value(name, row, None)
+
         prompt = _text("PROMPT", value("PROMPT", row, b""))
         negative = value("NEGATIVE_PROMPT", row, None)
         output_format = _text("OUTPUT_FORMAT",
@@ -277,9 +286,9 @@ def parse_request(
                                limits)
         except LoraFieldError as exc:
             raise RequestError(LORA_FIELD, str(exc)) from None
-        sized = [value(name, row, None) is not None for name in ("HEIGHT", "WIDTH")]
-        has_image = any(value(name, row, None) is not None
-                        for name in ("IMAGE_INPUT", "CONTROL_IMAGE"))
+        _check_combination(given, controlnet)
+        sized = [given(name) is not None for name in ("HEIGHT", "WIDTH")]
+        has_image = any(given(name) is not None for name in ("IMAGE_INPUT", "CONTROL_IMAGE"))
         if has_image and sized[0] != sized[1]:
             raise RequestError("HEIGHT" if sized[1] else "WIDTH", (
                 "is missing; with an image input give HEIGHT and WIDTH together, or neither "
@@ -288,7 +297,7 @@ def parse_request(
         if size is not None and has_image:
             # Checked before decoding: the fit to this size must not meet an unchecked size.
             _check_size(*size, limits)
-        images = _images(lambda name: value(name, row, None), limits, controlnet, size)
+        images = _images(given, limits, size)
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt=None if negative is None else _text("NEGATIVE_PROMPT", negative),

@@ -256,8 +256,9 @@ def verdict(case: Case, count_tokens) -> Verdict:
                 image_file_size(image) != image_file_size(mask):
             bad.add("MASK")
     sized = [name in columns for name in ("HEIGHT", "WIDTH")]
-    if "IMAGE_INPUT" in columns and sized[0] != sized[1]:
-        bad |= {"HEIGHT", "WIDTH"}  # with an image input: both or neither
+    has_image = "IMAGE_INPUT" in columns or "CONTROL_IMAGE" in columns
+    if has_image and sized[0] != sized[1]:
+        bad |= {"HEIGHT", "WIDTH"}  # with an image input (either one): both or neither
     sizes = list(zip(column("HEIGHT", DEFAULT_SIZE), column("WIDTH", DEFAULT_SIZE)))
     if "IMAGE_INPUT" in columns and not any(sized):
         sizes = [size_from_input(*(image_file_size(i) or (DEFAULT_SIZE, DEFAULT_SIZE)))

@@ -237,6 +237,13 @@ def test_control_image_needs_a_configured_controlnet(settings):
             CONTROL_IMAGE=encoded(picture(64, 64)))
 
 
+def test_a_missing_controlnet_is_named_before_a_missing_side(settings):
+    # Found by test_fuzz: WIDTH alone with a control image named HEIGHT, so a client fixed HEIGHT
+    # only to hear next that the server has no ControlNet at all.
+    refused(settings, "CONTROL_IMAGE", "config.yaml controlnet", controlnet=False,
+            CONTROL_IMAGE=encoded(picture(64, 64)), WIDTH=64)
+
+
 def test_a_mask_of_another_size_is_refused(settings):
     refused(settings, "MASK", "is 32x32", "64x64", IMAGE_INPUT=encoded(picture(64, 64)),
             MASK=encoded(picture(32, 32, "L")))
