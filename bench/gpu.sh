@@ -7,6 +7,8 @@
 #   baselines diffusers eager and compiled, in-process
 #   floor     the card's speed on the transformer's matrix work alone (GEMM, attention)
 #   graphs    our engine in-process with and without the text encoder's CUDA graphs
+#   smallgraphs the transformer's CUDA graphs in-process (bench/graphs.py): 256, 512, 1024 as
+#             served, without graphs, and eager, images compared; memory per graph key
 #   qk        our engine in-process with and without the qk_norm_rope kernel
 #   engine    our engine in-process (stages), then the OOM recovery check
 #   ablation  every switch flipped one at a time in one process, a kernel profile, FP8
@@ -60,6 +62,8 @@ for step in "$@"; do
       inproc -m bench.engine --set 'optimizations.torch_compile.cuda_graphs=[]' \
         --out "$OUT/graphs_off.json"
       inproc -m bench.engine --out "$OUT/graphs_on.json" ;;
+    smallgraphs)
+      inproc -m bench.graphs --out "$OUT/graphs_transformer.json" ;;
     qk)
       inproc -m bench.engine --set optimizations.qk_norm_rope=false \
         --out "$OUT/qk_off.json"

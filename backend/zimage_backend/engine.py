@@ -9,8 +9,10 @@ control branch are timed as stages of their own.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import os
 import time
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import controlnets, optimizations, random_models
+from . import compiled_variants, controlnets, optimizations, random_models
 from .request import (CONTROL_MODES, CONTROLNET, CONTROLNET_INPAINT, IMAGE_TO_IMAGE, INPAINT,
                       STRENGTH_MODES, TEXT_TO_IMAGE, GenerationRequest)
 from .settings import Settings
@@ -54,6 +56,7 @@ class GenerationCancelled(RuntimeError):
 class BatchResult:
     pixels: list[np.ndarray]  # one HxWx3 uint8 image per request, in request order
     timings_ms: dict[str, float]
+    cuda_graphs: bool = False  # the transformer's blocks replayed CUDA graphs
 
 
 def resolve_device(kind: str, device_id: int | str | None) -> torch.device:
@@ -97,6 +100,7 @@ class Engine:
         self._calls, self._profile_call, self._fault_call = 0, 0, 0  # from ready on, below
         self.graphed: frozenset[str] = frozenset()  # modules replaying CUDA graphs
         self.lora = None  # adapters.LoraBank when config.yaml has adapters
+        self.graph_pool: compiled_variants.GraphPool | None = None  # the transformer's graphs
         started = time.perf_counter()
         self.pipe = load_pipeline(settings, device, self.dtype)
         self.pipe.set_progress_bar_config(disable=True)
@@ -111,6 +115,7 @@ class Engine:
         if self.controlnet is not None:
             time_module(self.controlnet, "control", "denoise", lambda: self._timer)
         self.pipes = {TEXT_TO_IMAGE: self.pipe}
+        loaded = time.perf_counter() - started
         optimized = optimizations.optimize(optimizations.Context(
             pipe=self.pipe, settings=settings, device=device, report=optimizations.Report(),
             run_once=self._first_run))
@@ -118,15 +123,23 @@ class Engine:
         self.attention_backend = optimized.attention_backend
         self.graphed = optimized.graphed
         self.lora = optimized.lora
+        self.graph_pool = optimized.graph_pool
         # After the rewrites: the mode pipelines share the optimized modules, and the ControlNet
         # pipelines bind the ControlNet to the optimized transformer's shared parts.
         self.pipes = self._mode_pipelines()
         self.load_seconds = time.perf_counter() - started
         self.warmup_seconds = self._warmup()
+        for shapes in optimized.static_shapes:
+            shapes.learning = False
         log.info("engine ready on %s (%s, weights: %s): load %.1f s, warmup %.1f s",
                  device, settings.model.dtype if device.type == "cuda" else
                  settings.model.cpu_dtype, settings.model.weights_label,
                  self.load_seconds, self.warmup_seconds)
+        # One line for benchmarks (bench/server.py reads it): where the start's time went.
+        log.info("startup phases (s): %s", json.dumps({
+            "load": round(loaded, 3),
+            "steps": {o.switch: o.seconds for o in self.report.outcomes if o.seconds},
+            "warmup": round(self.warmup_seconds, 3)}))
         if device.type == "cuda":
             self._apply_memory_budget()
             log.info("GPU memory held by the instance on %s: %s", device, self.memory_by_gpu())
@@ -178,13 +191,16 @@ class Engine:
                                  guidance_scale=self.settings.defaults.guidance_scale, seed=0,
                                  output_format="raw")
 
-    def _first_run(self, ctx: optimizations.Context) -> None:
-        """One step at the default size with what the optimization steps so far left: compiled
-        code is first traced, and made static, for the size served most."""
-        self.graphed, self.lora = ctx.graphed, ctx.lora
+    def _first_run(self, ctx: optimizations.Context, height: int | None = None,
+                   width: int | None = None, steps: int = 1) -> list[np.ndarray]:
+        """A run with what the optimization steps so far left, by default one step at the
+        default size: compiled code is first traced, and made static, for the size served
+        most."""
+        self.graphed, self.lora, self.graph_pool = ctx.graphed, ctx.lora, ctx.graph_pool
         defaults = self.settings.defaults
-        self.run([dataclasses.replace(self._request("first run", 0, 1), height=defaults.height,
-                                      width=defaults.width)])
+        return self.run([dataclasses.replace(
+            self._request("first run", 0, steps), height=height or defaults.height,
+            width=width or defaults.width)]).pixels
 
     def _warmup(self) -> float:
         """Runs each warmup size before the model reports ready; with torch.compile also as a
@@ -379,7 +395,8 @@ class Engine:
                     [r.negative_prompt or "" for r in requests]) if cfg else []
             self._timer = timer  # the VAE encoder's and the ControlNet's hooks time into it
             try:
-                with stage("denoise"):
+                with stage("denoise"), self._graphs(requests, prompt_embeds, negative_embeds,
+                                                    cfg) as graphs:
                     latents = pipe(
                         prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
                         height=first.height, width=first.width,
@@ -405,4 +422,16 @@ class Engine:
                 pixels = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
         timings = timer.timings_ms()
         timings["compute"] = round(sum(timings.values()), 3)
-        return BatchResult(pixels=list(pixels), timings_ms=timings)
+        return BatchResult(pixels=list(pixels), timings_ms=timings, cuda_graphs=graphs)
+
+    def _graphs(self, requests: Sequence[GenerationRequest], prompt_embeds: list[torch.Tensor],
+                negative_embeds: list[torch.Tensor], cfg: bool):
+        """The graph pool's scope for this call (compiled_variants.GraphPool), or one that
+        yields False without a pool."""
+        if self.graph_pool is None:
+            return contextlib.nullcontext(False)
+        first = requests[0]
+        key = (len(requests), first.height, first.width,
+               compiled_variants.caption_bucket([len(e) for e in prompt_embeds + negative_embeds]),
+               first.mode + ("+guidance" if cfg else ""))
+        return self.graph_pool.call(key)

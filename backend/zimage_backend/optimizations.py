@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from . import adapters, float8, fusion
+from . import adapters, compiled_variants, float8, fusion
 from .settings import Optimizations, Settings
 
 log = logging.getLogger(__name__)
@@ -28,18 +31,20 @@ class Outcome:
     switch: str
     status: str  # applied | off | skipped | fallback
     detail: str = ""
+    seconds: float = 0.0  # what the step took, its check included
 
 
 @dataclasses.dataclass
 class Report:
     outcomes: list[Outcome] = dataclasses.field(default_factory=list)
 
-    def add(self, switch: str, status: str, detail: str = "") -> None:
-        self.outcomes.append(Outcome(switch, status, detail))
+    def add(self, switch: str, status: str, detail: str = "", seconds: float = 0.0) -> None:
+        self.outcomes.append(Outcome(switch, status, detail, round(seconds, 3)))
         # A fallback serves slower code than configured (eager code for a failed compile):
         # an operator must see it.
         log.log(logging.WARNING if status == "fallback" else logging.INFO,
-                "optimization %-26s %-8s %s", switch, status, detail)
+                "optimization %-26s %-8s %s%s", switch, status, detail,
+                f" ({seconds:.1f} s)" if seconds >= 0.05 else "")
 
     def status(self, switch: str) -> str:
         return next(o.status for o in reversed(self.outcomes) if o.switch == switch)
@@ -62,12 +67,17 @@ class Context:
     device: torch.device
     report: Report
     # One pipeline run through the engine with what the steps so far left (the modules that
-    # replay CUDA graphs, the adapter bank): compile's check.
-    run_once: Callable[[Context], None]
+    # replay CUDA graphs, the adapter bank): the checks of compile and of the graphs. Called
+    # as run_once(ctx) (the default size, one step) or run_once(ctx, height, width, steps);
+    # returns the images.
+    run_once: Callable[..., list[np.ndarray]]
     attention_backend: str = "native"
     unmasked_attention_backend: str | None = None
     graphed: frozenset[str] = frozenset()  # compiled modules that replay CUDA graphs
     lora: object = None  # adapters.LoraBank when config.yaml has adapters
+    graph_pool: compiled_variants.GraphPool | None = None  # the transformer's CUDA graphs
+    # Modules' static shapes, still learning: the engine ends their learning when ready.
+    static_shapes: list[compiled_variants.StaticShapes] = dataclasses.field(default_factory=list)
 
     @property
     def opts(self) -> Optimizations:
@@ -397,7 +407,8 @@ def _compile(ctx: Context) -> str:
     for name, module in modules:
         # A CUDA graph replays a module's kernels in one launch: for a launch-bound module (a
         # short prompt through the text encoder's 36 layers) the CPU stops setting the pace.
-        graphs = name in compile_opts.cuda_graphs
+        # The transformer's blocks replay graphs for small images only: the step after this.
+        graphs = name in compile_opts.cuda_graphs and name != "transformer"
         if graphs:
             graphed.add(name)
         module.compile(mode="reduce-overhead" if graphs else compile_opts.mode,
@@ -418,6 +429,89 @@ def _compile(ctx: Context) -> str:
                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     graphs = f"; CUDA graphs: {', '.join(sorted(graphed))}" if graphed else ""
     return f"{', '.join(names + done)}; mode={compile_opts.mode}{graphs}"
+
+
+def _compiled(ctx: Context, module: str) -> str | None:
+    if not ctx.applied("torch_compile"):
+        return "needs torch_compile applied"
+    if module not in ctx.opts.torch_compile.modules:
+        return f"needs {module} in optimizations.torch_compile.modules"
+    return None
+
+
+def _with_compiled_code(ctx: Context, module: str) -> list[tuple[str, torch.nn.Module]]:
+    found = [(name, m) for name, m in _compiled_modules(ctx)
+             if name == module and m._compiled_call_impl is not None]
+    if not found:
+        raise _Skipped(f"{module} has no compiled code")
+    return found
+
+
+def _graph_check_size(ctx: Context) -> int:
+    """The side of the square the check runs at: the largest warmup square the pool serves,
+    else the largest square it serves."""
+    limit = ctx.opts.torch_compile.graph_max_pixels
+    warmed = [h for h, w in ctx.opts.warmup.sizes if h == w and h * w <= limit]
+    side = max(warmed, default=math.isqrt(limit) // 16 * 16)
+    return max(side, ctx.settings.limits.min_size)
+
+
+# Replay runs the kernels the compiled code runs; a pixel off by more than rounding is a
+# graph that read or wrote the wrong memory.
+GRAPH_CHECK_MAX_PIXEL_DIFFERENCE = 2
+
+
+def _transformer_graphs(ctx: Context) -> str:
+    """The transformer's blocks replay CUDA graphs for small images (compiled_variants.GraphPool),
+    checked at the check size: three steps without graphs, then with them twice (the first
+    records, the second replays every step), the images compared."""
+    tc = ctx.opts.torch_compile
+    pool = compiled_variants.GraphPool(tc.graph_max_pixels, tc.graph_pool_size, ctx.device)
+    blocks = _with_compiled_code(ctx, "transformer")
+    plain = [block._compiled_call_impl for _, block in blocks]
+    for _, block in blocks:
+        replay = torch.compile(block._call_impl, mode="reduce-overhead", fullgraph=tc.fullgraph,
+                               dynamic=tc.dynamic)
+        compiled_variants.install(block, lambda args, kwargs: pool.active, replay)
+    hook = pool.mark_steps(ctx.pipe.transformer)
+    side = _graph_check_size(ctx)
+    try:
+        reference = ctx.run_once(ctx, side, side, 3)
+        ctx.graph_pool = pool
+        ctx.run_once(ctx, side, side, 3)
+        replayed = ctx.run_once(ctx, side, side, 3)
+        difference = max(int(np.abs(a.astype(np.int16) - b).max())
+                         for a, b in zip(reference, replayed))
+        if difference > GRAPH_CHECK_MAX_PIXEL_DIFFERENCE:
+            raise CheckFailed(f"at {side}x{side} the replayed image differs from the compiled "
+                              f"code's by up to {difference} of 255")
+    except Exception as exc:  # noqa: BLE001 - graphs that fail are not served
+        for (_, block), call in zip(blocks, plain):
+            block._compiled_call_impl = call
+        hook.remove()
+        ctx.graph_pool = None
+        if isinstance(exc, CheckFailed):
+            raise
+        raise CheckFailed(f"the graph check at {side}x{side} failed, serving the compiled code "
+                          f"without graphs: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]}") from None
+    return (f"blocks, images of at most {tc.graph_max_pixels} pixels, at most "
+            f"{tc.graph_pool_size} keys; checked at {side}x{side}: replay within {difference} "
+            f"of 255 of the compiled code; {pool.describe()}")
+
+
+def _static_shapes(ctx: Context) -> str:
+    """Static code for the shapes the warmup gives each module, dynamic for the others."""
+    done, tc = [], ctx.opts.torch_compile
+    for name in tc.static_shapes:
+        for _, module in _with_compiled_code(ctx, name):
+            shapes = compiled_variants.StaticShapes()
+            static = torch.compile(module._call_impl, mode=tc.mode, fullgraph=tc.fullgraph,
+                                   dynamic=False)
+            compiled_variants.install(module, shapes.choose, static)
+            ctx.static_shapes.append(shapes)
+            done.append(name)
+    return f"{', '.join(done)}: static code for each shape met before ready"
 
 
 def _inference_mode(ctx: Context) -> str:
@@ -451,6 +545,13 @@ STEPS: tuple[Step, ...] = (
          _unmasked_attention_requirement, _unmasked_attention),
     # Compilation, checked by a run at the first warmup size.
     Step("torch_compile", lambda o: o.torch_compile.enabled, _compile_requirement, _compile),
+    # Before the graph check: its runs are shapes met before ready.
+    Step("static_shapes", lambda o: o.torch_compile.enabled and bool(o.torch_compile.static_shapes),
+         lambda ctx: _compiled(ctx, "vae_decoder"), _static_shapes),
+    Step("transformer_cuda_graphs", lambda o: o.torch_compile.enabled and
+         "transformer" in o.torch_compile.cuda_graphs and o.torch_compile.graph_max_pixels > 0
+         and o.torch_compile.graph_pool_size > 0,
+         lambda ctx: _compiled(ctx, "transformer"), _transformer_graphs),
 )
 
 
@@ -462,10 +563,12 @@ def optimize(ctx: Context, steps: tuple[Step, ...] = STEPS) -> Context:
         elif (why := step.requirement(ctx)) is not None:
             ctx.report.add(step.switch, "skipped", why)
         else:
+            started = time.perf_counter()
             try:
-                ctx.report.add(step.switch, "applied", step.apply(ctx))
+                status, detail = "applied", step.apply(ctx)
             except _Skipped as exc:
-                ctx.report.add(step.switch, "skipped", str(exc))
+                status, detail = "skipped", str(exc)
             except CheckFailed as exc:
-                ctx.report.add(step.switch, "fallback", str(exc))
+                status, detail = "fallback", str(exc)
+            ctx.report.add(step.switch, status, detail, time.perf_counter() - started)
     return ctx

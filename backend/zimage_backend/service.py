@@ -209,7 +209,7 @@ class Service:
                         "height": r.height, "width": r.width,
                         "num_inference_steps": r.num_inference_steps,
                         "guidance_scale": r.guidance_scale, "mode": r.mode,
-                        "denoise_steps": r.denoise_steps}
+                        "denoise_steps": r.denoise_steps, "cuda_graphs": result.cuda_graphs}
             # As FP32 carried them (0.6, not 0.6000000238418579).
             if r.mode in STRENGTH_MODES:
                 metadata["strength"] = float(f"{r.strength:.7g}")

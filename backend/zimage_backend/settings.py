@@ -26,9 +26,12 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp", "raw")
 ATTENTION_BACKENDS = ("_flash_3", "flash", "_native_cudnn", "_native_flash", "native")
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_MODULES = ("transformer", "vae_decoder", "text_encoder")
-# The engine marks each text encode as a new graph run and copies out what it keeps; the other
-# modules' outputs would be overwritten by their next replay within one pipeline call.
-CUDA_GRAPH_MODULES = ("text_encoder",)
+# The engine marks each text encode and each transformer forward as a new graph run and copies
+# out what it keeps; the VAE decoder's output would be overwritten by its next replay.
+CUDA_GRAPH_MODULES = ("text_encoder", "transformer")
+# The transformer's static code was no faster than its dynamic code (bench/results/
+# 2026-11-26-h200x2-c/results.md), and the text encoder meets every caption length.
+STATIC_SHAPE_MODULES = ("vae_decoder",)
 MEMORY_MODES = ("performance", "balanced", "memory_constrained")
 PROMPT_PADDING = ("longest", "max_length")
 # LoRA adapters (issue 13): a name is a word, so a request's LORA text can never hold a path or URL.
@@ -117,6 +120,9 @@ class TorchCompile:
     dynamic: bool | None  # None: torch's automatic dynamic shapes after a first recompile
     attention_in_graph: bool  # false: SDPA runs eagerly between the compiled pieces
     cuda_graphs: tuple[str, ...]  # compiled modules that replay CUDA graphs (reduce-overhead)
+    graph_max_pixels: int  # the transformer replays graphs for images of at most this many
+    graph_pool_size: int  # ...and for at most this many (batch, size, caption, mode) keys
+    static_shapes: tuple[str, ...]  # compiled modules with static code for every warmed shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +266,15 @@ class Settings:
             if name not in tc.modules:
                 raise SettingsError(f"optimizations.torch_compile.cuda_graphs: {name!r} is not "
                                     "compiled; add it to optimizations.torch_compile.modules")
+        for name in tc.static_shapes:
+            _one_of("optimizations.torch_compile.static_shapes[]", name, STATIC_SHAPE_MODULES)
+            if name not in tc.modules:
+                raise SettingsError(f"optimizations.torch_compile.static_shapes: {name!r} is not "
+                                    "compiled; add it to optimizations.torch_compile.modules")
+        for key in ("graph_max_pixels", "graph_pool_size"):
+            if getattr(tc, key) < 0:
+                raise SettingsError(f"optimizations.torch_compile.{key}: {getattr(tc, key)} "
+                                    "must be 0 or more")
         if lim.min_size % 16 or lim.max_size % 16 or not 16 <= lim.min_size <= lim.max_size:
             raise SettingsError(
                 f"limits.min_size/max_size: {lim.min_size}/{lim.max_size}; both must be multiples "

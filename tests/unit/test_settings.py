@@ -31,7 +31,7 @@ def _as_yaml(value):
 def test_shipped_config_loads_every_value_as_written(settings, data):
     # The typed view must neither drop, add nor change a value of the file.
     assert _as_yaml(settings.to_dict()) == data
-    assert settings.optimizations.warmup.sizes == ((1024, 1024), (512, 512))
+    assert settings.optimizations.warmup.sizes == ((1024, 1024), (512, 512), (256, 256))
     assert isinstance(settings.defaults.guidance_scale, float)
 
 
@@ -76,8 +76,12 @@ def test_missing_key_is_named(data):
     (("optimizations", "warmup", "sizes"), [[512, 512, 3]],
      "optimizations.warmup.sizes[0]: expected a list of 2 items"),
     (("optimizations", "warmup", "sizes"), [[0, 512]], "optimizations.warmup.sizes[0]: [0, 512]"),
-    (("optimizations", "torch_compile", "cuda_graphs"), ["transformer"],
-     "cuda_graphs.*'transformer' is not one of text_encoder"),
+    (("optimizations", "torch_compile", "cuda_graphs"), ["vae_decoder"],
+     "cuda_graphs.*'vae_decoder' is not one of text_encoder, transformer"),
+    (("optimizations", "torch_compile", "static_shapes"), ["transformer"],
+     "static_shapes.*'transformer' is not one of vae_decoder"),
+    (("optimizations", "torch_compile", "graph_pool_size"), -1,
+     "optimizations.torch_compile.graph_pool_size: -1 must be 0 or more"),
 ])
 def test_bad_values_are_rejected(data, path, value, message):
     data = copy.deepcopy(data)
