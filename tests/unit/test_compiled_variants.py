@@ -89,6 +89,9 @@ def _engine(settings, monkeypatch, **compile_changes):
                   if s.switch == "torch_compile" else s for s in optimizations.STEPS)
     optimize = optimizations.optimize
     monkeypatch.setattr(optimizations, "optimize", lambda ctx: optimize(ctx, steps))
+    # Both second variants on, as a GPU user turns them on (the shipped config has them off).
+    compile_changes = {"cuda_graphs": ("text_encoder", "transformer"),
+                       "static_shapes": ("vae_decoder",), **compile_changes}
     tc = dataclasses.replace(settings.optimizations.torch_compile, **compile_changes)
     settings = dataclasses.replace(settings, optimizations=dataclasses.replace(
         settings.optimizations, torch_compile=tc))

@@ -31,7 +31,7 @@ def _as_yaml(value):
 def test_shipped_config_loads_every_value_as_written(settings, data):
     # The typed view must neither drop, add nor change a value of the file.
     assert _as_yaml(settings.to_dict()) == data
-    assert settings.optimizations.warmup.sizes == ((1024, 1024), (512, 512), (256, 256))
+    assert settings.optimizations.warmup.sizes == ((1024, 1024), (512, 512))
     assert isinstance(settings.defaults.guidance_scale, float)
 
 
