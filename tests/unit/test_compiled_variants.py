@@ -156,3 +156,16 @@ def test_graphs_need_the_transformer_compiled(tiny_settings, monkeypatch):
     assert outcome == {"status": "skipped",
                        "detail": "needs transformer in optimizations.torch_compile.modules"}
     assert np.asarray(engine.run([_request(engine, 64)]).pixels).shape == (1, 64, 64, 3)
+
+
+def test_the_engine_logs_where_its_start_went(tiny_settings, monkeypatch, caplog):
+    import json
+    import logging
+
+    Variants(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="zimage_backend.engine"):
+        _engine(tiny_settings, monkeypatch)
+    [line] = [r.getMessage() for r in caplog.records if "startup phases" in r.getMessage()]
+    phases = json.loads(line.split(": ", 1)[1])
+    assert phases["load"] > 0 and phases["warmup"] > 0
+    assert phases["steps"]["transformer_cuda_graphs"] > 0  # its check runs the engine thrice
