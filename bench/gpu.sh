@@ -147,8 +147,8 @@ for _ in range(900):
     images)
       served -m bench.image_modes --compile-cache "$Z/inductor" --out "$OUT/image_modes.json" ;;
     round2diffusers)
-      # ~150 s: per variant ~30 s to build the dummy pipeline, eager 1.4 s and compiled 0.9 s
-      # per image after a first compiled image of ~40 s (2026-11-26 runs), 1 + 10 images each.
+      # ~110 s: per variant ~20 s to build the dummy pipeline, then 1 + 10 images: eager 1.4 s
+      # each, compiled 0.9 s after a first image of ~40 s (2026-11-26 runs' JSON times).
       inproc -m bench.baselines --variant eager --repeats 10 --out "$OUT/diffusers_eager.json"
       inproc -m bench.baselines --variant compiled --repeats 10 \
         --out "$OUT/diffusers_compiled.json" ;;
