@@ -32,6 +32,10 @@
 #   servelora the same through our Triton server (needs venv): bench/results/<run>/lora.json
 #   images    the image modes through our Triton server (needs venv), dummy pipeline and
 #             ControlNet, 1024x1024: text-to-image, image-to-image, inpainting, ControlNet
+#   round2diffusers, round2bf16, round2fp8: issue 15's one-card run, one call each after
+#             `setup venv` (~40 s): diffusers eager and compiled at 1024x1024; the shipped
+#             config served at 1024, 512 and 256, cold start and warm restart; the same with
+#             optimizations.fp8 on, from its own cold start (bench/README.md, "Round two")
 # SERVE_ARGS adds arguments to the serve steps, e.g. "--set optimizations.tf32=false".
 set -uo pipefail
 Z=${ZIMAGE_GPU_DIR:-/root/zt}
@@ -151,6 +155,27 @@ for _ in range(900):
       served -m bench.lora --server --compile-cache "$Z/inductor" --out "$OUT/lora.json" ;;
     images)
       served -m bench.image_modes --compile-cache "$Z/inductor" --out "$OUT/image_modes.json" ;;
+    round2diffusers)
+      # ~110 s: per variant ~20 s to build the dummy pipeline, then 1 + 10 images: eager 1.4 s
+      # each, compiled 0.9 s after a first image of ~40 s (2026-11-26 runs' JSON times).
+      inproc -m bench.baselines --variant eager --repeats 10 --out "$OUT/diffusers_eager.json"
+      inproc -m bench.baselines --variant compiled --repeats 10 \
+        --out "$OUT/diffusers_compiled.json" ;;
+    round2bf16)
+      # ~270 s: cold start ~200 s (issue 15), 1 + 10 images at 1024 (0.85 s), 1 + 20 at 512
+      # and 256 (0.24 and 0.17 s), warm restart ~40 s. Its 1024 images are round2fp8's reference.
+      rm -rf "$Z/inductor_bf16" "$Z/round2_bf16_images.npz"
+      served -m bench.server --gpus 0 --sizes 1024,512,256 --repeats 10,20,20 --concurrency "" \
+        --compile-cache "$Z/inductor_bf16" --save-images "$Z/round2_bf16_images.npz" \
+        ${SERVE_ARGS:-} --out "$OUT/round2_bf16.json" ;;
+    round2fp8)
+      # ~240 s: its own cold start (FP8 compiles other kernels; ~200 s), the same requests,
+      # no restart. Needs round2bf16's images from the same machine.
+      rm -rf "$Z/inductor_fp8"
+      served -m bench.server --gpus 0 --sizes 1024,512,256 --repeats 10,20,20 --concurrency "" \
+        --no-restart --set optimizations.fp8=true --compile-cache "$Z/inductor_fp8" \
+        --compare-images "$Z/round2_bf16_images.npz" ${SERVE_ARGS:-} \
+        --out "$OUT/round2_fp8.json" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

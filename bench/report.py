@@ -3,8 +3,9 @@
   python -m bench.report bench/results/2026-11-26-h200x2-b --commit "..."
 
 Each section appears when its files are in the folder: baselines (bench.baselines), the engine
-(bench.engine or bench.ablation), the memory modes (memory_*.json), and the served runs
-(server_1gpu.json, server_all_gpus.json).
+(bench.engine or bench.ablation), the memory modes (memory_*.json), the served runs
+(server_1gpu.json, server_all_gpus.json), and issue 15's round two (round2_bf16.json,
+round2_fp8.json beside the baselines).
 """
 
 from __future__ import annotations
@@ -279,6 +280,80 @@ def gpu_memory(every: dict | None) -> list[str]:
     return lines
 
 
+# Issue 15's targets for one card (not measurements): median seconds per image through the
+# server, keyed by (run, size); then launch to ready.
+ROUND2_LATENCY_TARGETS = {("round2_bf16", 1024): 0.80, ("round2_bf16", 512): 0.20,
+                          ("round2_bf16", 256): 0.08, ("round2_fp8", 1024): 0.52}
+ROUND2_START_TARGETS = {("round2_bf16", "cold_start_s"): 120, ("round2_bf16", "warm_restart_s"): 20}
+ROUND2_SERVED = (("round2_bf16", "ours, shipped config (bf16)"),
+                 ("round2_fp8", "ours, `optimizations.fp8: true`"))
+STARTS = (("cold_start_s", "startup_phases_cold", "cold start (empty compile cache)"),
+          ("start_with_cache_s", "startup_phases_with_cache", "start with a compile cache"),
+          ("warm_restart_s", "startup_phases_warm", "warm restart (compile cache kept)"))
+
+
+def served_sizes(d: dict) -> dict[int, dict]:
+    """A bench.server run's latency per size: its first size, then --sizes' others."""
+    return {d["size"]: d["latency"],
+            **{int(k): v for k, v in d.get("latency_other_sizes", {}).items()}}
+
+
+def against(value: float, target: float | None) -> tuple[str, str]:
+    if target is None:
+        return "-", "-"
+    return f"<= {target:g} s", "met" if value <= target else "**not met**"
+
+
+def phases_text(phases: dict) -> str:
+    return ", ".join(f"{k} ({phases_text(v)})" if isinstance(v, dict) else f"{k} {v}"
+                     for k, v in phases.items())
+
+
+def round_two(f: Path) -> list[str]:
+    """Issue 15's one-card run (bench/gpu.sh round2diffusers, round2bf16, round2fp8): latency
+    per size against diffusers compiled at its size, the targets, the start times."""
+    runs = {name: d for name in ("diffusers_eager", "diffusers_compiled", "round2_bf16",
+                                 "round2_fp8") if (d := load(f, name))}
+    if not any(name.startswith("round2") for name in runs):
+        return []
+    compiled = runs.get("diffusers_compiled")
+    rows = [(label, name, d["size"], d) for name, label in
+            (("diffusers_eager", "diffusers eager"), ("diffusers_compiled", "diffusers compiled"))
+            if (d := runs.get(name))]
+    rows += [(label, name, size, {**lat, "commit": runs[name]["commit"]})
+             for name, label in ROUND2_SERVED if name in runs
+             for size, lat in served_sizes(runs[name]).items()]
+    lines = ["| run | size | commit | median s | p90 s | vs diffusers compiled | denoise ms "
+             "(METADATA) | target | |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, name, size, d in rows:
+        base = compiled["median_s"] if compiled and compiled["size"] == size else None
+        denoise = d.get("stage_ms", {}).get("denoise")
+        target, met = against(d["median_s"], ROUND2_LATENCY_TARGETS.get((name, size)))
+        lines.append(f"| {label} | {size}x{size} | {d['commit']} | {d['median_s']:.3f} | "
+                     f"{d['p90_s']:.3f} | {ratio(d['median_s'], base) if base else '-'} | "
+                     f"{f'{denoise:.1f}' if denoise is not None else '-'} | {target} | {met} |")
+    lines += ["", "| run | start | seconds | target | | startup phases (s) |",
+              "|---|---|---|---|---|---|"]
+    for name, label in ROUND2_SERVED:
+        d = runs.get(name, {})
+        for key, phases_key, start in STARTS:
+            if key in d:
+                target, met = against(d[key], ROUND2_START_TARGETS.get((name, key)))
+                phases = phases_text(d[phases_key]) if phases_key in d else "-"
+                lines.append(f"| {label} | {start} | {d[key]:.1f} | {target} | {met} | "
+                             f"{phases} |")
+    if dev := runs.get("round2_fp8", {}).get("deviation_from_reference"):
+        lines += ["", f"FP8's {dev['images']} timed images at {runs['round2_fp8']['size']}x"
+                      f"{runs['round2_fp8']['size']} against the bf16 run's of the same seeds: "
+                      f"mean absolute difference {dev['mean_abs_of_255']} of 255, PSNR "
+                      f"{dev['psnr_db']} dB, relative L2 {dev['relative_l2']}."]
+    cards = sorted({f"{d['card']['name']} ({name})" for name, d in runs.items()})
+    names = {d["card"]["name"] for d in runs.values()}
+    lines += ["", f"Card: {next(iter(names))}." if len(names) == 1 else
+              f"**Not one card**: {', '.join(cards)}."]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder", type=Path)
@@ -288,14 +363,19 @@ def main() -> None:
     f = args.folder
     ablation, one, every = load(f, "ablation"), load(f, "server_1gpu"), load(f, "server_all_gpus")
     oom = load(f, "oom_h100")
-    first = next(d for d in (one, every, ablation, load(f, "diffusers_eager")) if d)
+    first = next(d for d in (one, every, ablation, load(f, "diffusers_eager"),
+                             load(f, "round2_bf16"), load(f, "round2_fp8")) if d)
     card = first["card"]
     table, medians = main_table(f)
     lines = ["# Benchmark: Z-Image-Turbo shape, random bf16 weights, 1024x1024, 8 steps, "
              "guidance 0, batch 1", "",
              f"Card: {card['name']} ({card.get('memory_gib')} GiB), torch {card.get('torch')}; "
              f"date {first['date'][:10]}; commit {args.commit or first['commit']}.", "",
-             f"Command: {args.command}", "", *table]
+             f"Command: {args.command}", ""]
+    if two := round_two(f):
+        lines += ["## Round two (issue 15): one card, 8 steps, PNG over gRPC, sizes as listed", "",
+                  *two, "", "## All runs in this folder, 1024x1024", ""]
+    lines += table
     if stages := served_stages(f):
         lines += ["", "Where the time goes through Triton (median ms per image, 1 GPU):", "",
                   *stages]
@@ -358,7 +438,8 @@ def main() -> None:
     summary = {"card": card, "rows": [{"system": s, "median_s": m} for s, _, m in medians],
                "ablation": ablation, "server_1gpu": one, "server_all_gpus": every, "oom": oom,
                "floor": load(f, "floor"), "server_native": load(f, "server_native"),
-               "server_fp8": load(f, "server_fp8")}
+               "server_fp8": load(f, "server_fp8"),
+               "round2_bf16": load(f, "round2_bf16"), "round2_fp8": load(f, "round2_fp8")}
     (f / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(f, medians, one, every, card)
     print("\n".join(lines))

@@ -1,8 +1,12 @@
 """Our real Triton server, timed from outside: cold start, end-to-end latency over gRPC with
-PNG returned (per stage), perf_analyzer throughput, and a warm restart.
+PNG returned (per stage) at each of --sizes from one start, perf_analyzer throughput, and a warm
+restart.
 
   python -m bench.server --out results/raw/server.json [--weights PATH] [--gpus 0,1]
-      [--compile-cache DIR]
+      [--compile-cache DIR] [--sizes 1024,512,256]
+
+The first of --sizes is the one `latency`, perf_analyzer, --profile and --save-images /
+--compare-images use; the others land in `latency_other_sizes`, keyed by size.
 
 Without --weights the server runs the shipped config.yaml with the one line
 `model.load_format: dummy` changed (random weights, full Z-Image-Turbo shape).
@@ -59,6 +63,30 @@ def latency(server: TritonServer, size: int, steps: int, repeats: int) -> dict:
     stages["triton_and_transport"] = round(statistics.median(overhead), 2)
     return {"first_s": round(first_s, 3), **summarize(totals), "stage_ms": stages,
             "weights": runs[0][1].metadata.get("weights")}, [r.pixels for _, r in runs]
+
+
+# The instance's startup log line (engine): `startup phases (s): {"load": 12.3, ...}`.
+STARTUP_PHASES = re.compile(r"startup phases \(s\): (\{.*)")
+
+
+def startup_phases(log_file: Path) -> dict | None:
+    """The startup phases a server log reports, or None where it has none (older engines).
+    The last line wins: with several instances it is the last one ready, which ready waited for."""
+    text = log_file.read_text(errors="replace") if log_file.exists() else ""
+    found = None
+    for match in STARTUP_PHASES.finditer(text):
+        try:
+            found, _ = json.JSONDecoder().raw_decode(match.group(1))
+        except json.JSONDecodeError:
+            print(f"unreadable startup phases in {log_file}: {match.group(0)[:200]}", flush=True)
+    return found
+
+
+def add_startup_phases(result: dict, key: str, log_file: Path) -> None:
+    """result[key] = the log's startup phases; no key where the log has none."""
+    if (phases := startup_phases(log_file)) is not None:
+        result[key] = phases
+        print(key, phases, flush=True)
 
 
 def gpu_processes(log_file: Path) -> dict:
@@ -127,9 +155,12 @@ def main() -> None:
     parser.add_argument("--load-format", default="dummy", help="tiny: a CPU dry run")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--gpus", default=None, help="CUDA_VISIBLE_DEVICES for the server")
-    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--sizes", default="1024",
+                        help="square sizes timed from one start, e.g. 1024,512,256; the first "
+                        "is perf_analyzer's and the saved or compared images'")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", default="10",
+                        help="timed requests per size: one number, or one per size (10,20,20)")
     parser.add_argument("--concurrency", default="1,2,4")
     parser.add_argument("--window-requests", type=int, default=12,
                         help="answers per perf_analyzer window (three windows make a figure)")
@@ -148,6 +179,13 @@ def main() -> None:
                         "from those of the same seeds (FP8 against bf16)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    repeats = [int(r) for r in args.repeats.split(",") if r]
+    if not sizes or len(repeats) not in (1, len(sizes)):
+        parser.error(f"--sizes {args.sizes!r} with --repeats {args.repeats!r}: give at least one "
+                     "size, and one repeat count or one per size")
+    repeats = repeats * len(sizes) if len(repeats) == 1 else repeats
+    size = sizes[0]
 
     overrides = ({"model.load_format": "auto", "model.source": args.weights} if args.weights
                  else {"model.load_format": args.load_format})
@@ -156,13 +194,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="zimage-bench-"))
     # A fresh compile cache makes the first start cold; the restart reuses it.
     cache = args.compile_cache or work / "inductor-cache"
-    env = {"TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    # Triton's own kernel cache (kernels launched outside Inductor's, e.g. qk_norm_rope) lives in
+    # it too: an earlier run on the same machine must not make a cold start warm.
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
     if args.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = args.gpus
     if args.profile:  # the call after the first and the timed requests
-        env[PROFILE_ENV] = str(args.repeats + 2)
+        env[PROFILE_ENV] = str(sum(repeats) + len(sizes) + 1)
     result = {"system": "zimage on Triton (gRPC, PNG)", "overrides": overrides,
-              "size": args.size, "steps": args.steps, "gpus": args.gpus, **stamp()}
+              "size": size, "sizes": sizes, "steps": args.steps, "gpus": args.gpus, **stamp()}
     cold = not (cache.exists() and any(cache.iterdir()))
     first_start = "cold_start_s" if cold else "start_with_cache_s"
     server, result[first_start] = start(config, work / "server_cold.log", env)
@@ -171,12 +211,19 @@ def main() -> None:
         if args.load_format != "tiny":
             result["gpu_processes"] = gpu_processes(work / "server_cold.log")
             print(result["gpu_processes"], flush=True)
-        result["latency"], images = latency(server, args.size, args.steps, args.repeats)
-        print(result["latency"], flush=True)
+        result["latency"], images = latency(server, size, args.steps, repeats[0])
+        print(size, result["latency"], flush=True)
+        for other, n in zip(sizes[1:], repeats[1:]):
+            result.setdefault("latency_other_sizes", {})[str(other)], _ = latency(
+                server, other, args.steps, n)
+            print(other, result["latency_other_sizes"][str(other)], flush=True)
         if args.save_images:  # seeds 1..repeats, for another run's --compare-images
             args.save_images.parent.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(args.save_images, *images)
-        if args.compare_images:
+        if args.compare_images and not args.compare_images.exists():
+            # A fresh machine lacks the bf16 run's images: keep the timings, say so.
+            print(f"no {args.compare_images}: no deviation measured", flush=True)
+        elif args.compare_images:
             with np.load(args.compare_images) as saved:
                 reference = [saved[f"arr_{i}"] for i in range(len(saved.files))]
             n = min(len(reference), len(images))
@@ -186,7 +233,7 @@ def main() -> None:
             print("deviation", result["deviation_from_reference"], flush=True)
         if args.profile:
             with ZImageClient(server.grpc_url, protocol="grpc", inference_timeout_s=600) as c:
-                c.generate(PROMPT, height=args.size, width=args.size,
+                c.generate(PROMPT, height=size, width=size,
                            num_inference_steps=args.steps)
             time.sleep(1)  # the stub's log line reaches the server's log file late
             text = (work / "server_cold.log").read_text(errors="replace")
@@ -194,7 +241,7 @@ def main() -> None:
             print(result["served_profile"], flush=True)
         concurrencies = [int(c) for c in args.concurrency.split(",") if c]
         before = images_by_device(server)
-        result["perf_analyzer"] = perf_analyzer(server, args.size, concurrencies,
+        result["perf_analyzer"] = perf_analyzer(server, size, concurrencies,
                                                 args.window_requests, work,
                                                 args.out.with_suffix(".perf_analyzer.log"))
         # How evenly Triton spread the load test over the instances.
@@ -208,10 +255,14 @@ def main() -> None:
                 args.out.with_suffix(".perf_analyzer.log"))
     finally:
         server.stop()
+    # Read once the server stopped: the stub's log lines reach the log file late.
+    add_startup_phases(result, "startup_phases_cold" if cold else "startup_phases_with_cache",
+                       work / "server_cold.log")
     if not args.no_restart:
         server, result["warm_restart_s"] = start(config, work / "server_warm.log", env)
         server.stop()
         print("warm restart", result["warm_restart_s"], flush=True)
+        add_startup_phases(result, "startup_phases_warm", work / "server_warm.log")
     result["logs"] = str(work)
     write_json(args.out, result)
 
