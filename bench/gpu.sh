@@ -36,6 +36,8 @@
 #             `setup venv` (~40 s): diffusers eager and compiled at 1024x1024; the shipped
 #             config served at 1024, 512 and 256, cold start and warm restart; the same with
 #             optimizations.fp8 on, from its own cold start (bench/README.md, "Round two")
+#   round2candidates round2bf16 with the switches still off by default turned on (transformer
+#             graphs, static VAE code, text encoder stack); after round2bf16 on one machine
 # SERVE_ARGS adds arguments to the serve steps, e.g. "--set optimizations.tf32=false".
 set -uo pipefail
 Z=${ZIMAGE_GPU_DIR:-/root/zt}
@@ -176,6 +178,17 @@ for _ in range(900):
         --no-restart --set optimizations.fp8=true --compile-cache "$Z/inductor_fp8" \
         --compare-images "$Z/round2_bf16_images.npz" ${SERVE_ARGS:-} \
         --out "$OUT/round2_fp8.json" ;;
+    round2candidates)
+      # round2bf16 with the switches built for issue 15 but off until measured: transformer
+      # graphs (256 warmed), static VAE code, the text encoder as one module. Its own cold
+      # start (more compiles: expect longer than round2bf16's) and warm restart; its 1024
+      # images against round2bf16's. The pair decides the defaults.
+      rm -rf "$Z/inductor_candidates"
+      served -m bench.server --gpus 0 --sizes 1024,512,256 --repeats 10,20,20 --concurrency "" \
+        --set "$GRAPHS_ON" --set "$STATIC_ON" --set "$WARM_256" \
+        --set optimizations.text_encoder_stack=true --compile-cache "$Z/inductor_candidates" \
+        --compare-images "$Z/round2_bf16_images.npz" ${SERVE_ARGS:-} \
+        --out "$OUT/round2_candidates.json" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

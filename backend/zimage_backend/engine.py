@@ -108,6 +108,7 @@ class Engine:
         self.graphed: frozenset[str] = frozenset()  # modules replaying CUDA graphs
         self.lora = None  # adapters.LoraBank when config.yaml has adapters
         self.graph_pool: compiled_variants.GraphPool | None = None  # the transformer's graphs
+        self.text_stack = None  # text_stack.TextStack when optimizations.text_encoder_stack
         started = time.perf_counter()
         self.pipe = load_pipeline(settings, device, self.dtype)
         self.pipe.set_progress_bar_config(disable=True)
@@ -131,6 +132,7 @@ class Engine:
         self.graphed = optimized.graphed
         self.lora = optimized.lora
         self.graph_pool = optimized.graph_pool
+        self.text_stack = optimized.text_stack
         # After the rewrites: the mode pipelines share the optimized modules, and the ControlNet
         # pipelines bind the ControlNet to the optimized transformer's shared parts.
         self.pipes = self._mode_pipelines()
@@ -204,6 +206,7 @@ class Engine:
         default size: compiled code is first traced, and made static, for the size served
         most."""
         self.graphed, self.lora, self.graph_pool = ctx.graphed, ctx.lora, ctx.graph_pool
+        self.text_stack = ctx.text_stack
         defaults = self.settings.defaults
         return self.run([dataclasses.replace(
             self._request("first run", 0, steps), height=height or defaults.height,
@@ -299,9 +302,14 @@ class Engine:
         if graphs:
             # A new run of the layers' CUDA graphs: their outputs' memory is reused by it.
             torch.compiler.cudagraph_mark_step_begin()
-        hidden = self.pipe.text_encoder(
-            input_ids=inputs.input_ids.to(self.device), attention_mask=mask.to(self.device),
-            output_hidden_states=True, use_cache=False).hidden_states[-2]
+        if self.text_stack is not None:
+            # Checked on the host: no device sync, and an unpadded call keeps SDPA's causal path.
+            hidden = self.text_stack(inputs.input_ids.to(self.device),
+                                     None if bool(mask.all()) else mask.to(self.device))
+        else:
+            hidden = self.pipe.text_encoder(
+                input_ids=inputs.input_ids.to(self.device), attention_mask=mask.to(self.device),
+                output_hidden_states=True, use_cache=False).hidden_states[-2]
         # Slicing by lengths known on the host avoids the device sync of a boolean index.
         out = [hidden[i, :n] for i, n in enumerate(mask.sum(dim=1).tolist())]
         # The next replay (the negative prompts', or the next call's) overwrites graph outputs.

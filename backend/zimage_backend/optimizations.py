@@ -22,6 +22,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from . import adapters, compiled_variants, float8, fusion
 from .settings import Optimizations, Settings
+from .text_stack import TextStack
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Context:
     graphed: frozenset[str] = frozenset()  # compiled modules that replay CUDA graphs
     lora: object = None  # adapters.LoraBank when config.yaml has adapters
     graph_pool: compiled_variants.GraphPool | None = None  # the transformer's CUDA graphs
+    text_stack: TextStack | None = None  # the text encoder as the engine runs it
     # Modules' static shapes, still learning: the engine ends their learning when ready.
     static_shapes: list[compiled_variants.StaticShapes] = dataclasses.field(default_factory=list)
 
@@ -360,6 +362,43 @@ def _unmasked_attention(ctx: Context) -> str:
     return detail
 
 
+# ---------------------------------------------------------------------- text encoder stack
+
+
+def _text_stack_requirement(ctx: Context) -> str | None:
+    if ctx.opts.memory_mode != "performance":
+        # Streaming fetches the layers in the order the encoder's own forward runs them.
+        return f"memory_mode {ctx.opts.memory_mode} streams the text encoder"
+    return None
+
+
+def _text_stack(ctx: Context) -> str:
+    """The stack, checked against the encoder's own forward on a padded batch of two and an
+    unpadded one before it replaces it."""
+    encoder = ctx.pipe.text_encoder
+    stack = TextStack(encoder)
+    vocab = encoder.config.vocab_size
+    ids = (torch.arange(48, device=ctx.device).reshape(2, 24) * 7919 + 11) % vocab
+    key_mask = torch.ones_like(ids, dtype=torch.bool)
+    key_mask[0, 17:] = False
+    worst = 0.0
+    with torch.inference_mode():
+        for rows, real in ((ids, key_mask), (ids[1:], key_mask[1:])):
+            want = encoder(input_ids=rows, attention_mask=real, output_hidden_states=True,
+                           use_cache=False).hidden_states[-2]
+            got = stack(rows, None if bool(real.all()) else real)
+            scale = want[real].float().abs().max().clamp_min(1e-6)
+            worst = max(worst, float(((got - want)[real].float().abs().max() / scale)))
+    # Eager float32 is exact; bf16 kernels may differ in the last bits of a mask's presence.
+    if worst > (1e-5 if encoder.dtype == torch.float32 else 2e-2):
+        raise CheckFailed(f"the stack's output differs from the encoder's by {worst:.3g} of "
+                          "its largest value; the encoder's own forward serves")
+    removed = stack.drop_capturing_hooks(encoder)
+    ctx.text_stack = stack
+    return (f"{len(stack.layers)} of {len(stack.layers) + 1} layers in one module, within "
+            f"{worst:.2g} of the encoder's output; {removed} output-collecting hooks removed")
+
+
 # -------------------------------------------------------------------------------- compile
 
 
@@ -380,6 +419,8 @@ def _compiled_modules(ctx: Context) -> list[tuple[str, torch.nn.Module]]:
                     if type(block).__name__ in pipe.transformer._repeated_blocks]
         elif module == "vae_decoder":
             out.append((module, pipe.vae.decoder))
+        elif module == "text_encoder" and ctx.text_stack is not None:
+            out.append((module, ctx.text_stack))  # one graph for the stack
         elif module == "text_encoder" and ctx.opts.memory_mode == "performance":
             encoder = pipe.text_encoder
             layers = encoder.layers if hasattr(encoder, "layers") else encoder.model.layers
@@ -528,6 +569,8 @@ STEPS: tuple[Step, ...] = (
     Step("adapters", lambda o: True, _adapters_requirement, _adapters),
     # Placement.
     Step("memory_mode", lambda o: True, _always, _place),
+    Step("text_encoder_stack", lambda o: o.text_encoder_stack, _text_stack_requirement,
+         _text_stack),
     # Flags.
     Step("cudnn_benchmark", lambda o: o.cudnn_benchmark, _cuda_only, _cudnn_benchmark),
     Step("tf32", lambda o: o.tf32, _cuda_only, _tf32),

@@ -147,6 +147,7 @@ class Optimizations:
     fuse_projections: bool
     qk_norm_rope: bool  # one Triton kernel for the q/k norms and RoPE
     prompt_padding: str
+    text_encoder_stack: bool  # the text encoder's layers as one module (text_stack.TextStack)
     fp8: bool
     # Shell-style patterns on the transformer's module names whose linear layers stay bf16 with
     # fp8 (float8.select); each must match a linear layer, checked when the step runs.

@@ -116,3 +116,21 @@ def test_results_md_has_the_section(folder: Path, monkeypatch):
     assert "## Round two (issue 15)" in text
     assert "| ours, shipped config (bf16) | 256x256 | abc1234 | 0.090 |" in text
     assert json.loads((folder / "results.json").read_text())["round2_bf16"]["size"] == 1024
+
+
+def test_the_candidates_run_has_bf16s_targets_and_its_deviation(folder: Path):
+    _served(folder, "round2_candidates", {1024: 0.79, 512: 0.19, 256: 0.07},
+            cold_start_s=150.0, warm_restart_s=18.0)
+    data = json.loads((folder / "round2_candidates.json").read_text())
+    data["deviation_from_reference"] = {"reference": "x.npz", "images": 10,
+                                        "mean_abs_of_255": 0.4, "psnr_db": 41.2,
+                                        "relative_l2": 0.003}
+    (folder / "round2_candidates.json").write_text(json.dumps(data))
+    lines = report.round_two(folder)
+    label = ("ours, bf16 with transformer graphs, static VAE code and the text encoder stack")
+    assert "| <= 0.8 s | met |" in _row(lines, label, "1024x1024")
+    assert "| <= 0.08 s | met |" in _row(lines, label, "256x256")
+    assert "| 150.0 | <= 120 s | **not met** |" in _row(lines, label, "cold start (empty "
+                                                      "compile cache)")
+    assert any(line.startswith("The candidates' 10 timed images") and "PSNR 41.2 dB" in line
+               for line in lines)
