@@ -15,6 +15,7 @@ from zimage_backend import compiled_variants, optimizations
 from zimage_backend.compiled_variants import GraphPool, StaticShapes
 
 CPU = torch.device("cpu")
+_OPTIMIZE = optimizations.optimize
 
 
 def test_the_pool_serves_small_images_and_keeps_its_first_keys():
@@ -87,8 +88,7 @@ def _engine(settings, monkeypatch, **compile_changes):
 
     steps = tuple(dataclasses.replace(s, requirement=optimizations._always)
                   if s.switch == "torch_compile" else s for s in optimizations.STEPS)
-    optimize = optimizations.optimize
-    monkeypatch.setattr(optimizations, "optimize", lambda ctx: optimize(ctx, steps))
+    monkeypatch.setattr(optimizations, "optimize", lambda ctx: _OPTIMIZE(ctx, steps))
     # Both second variants on, as a GPU user turns them on (the shipped config has them off).
     compile_changes = {"cuda_graphs": ("text_encoder", "transformer"),
                        "static_shapes": ("vae_decoder",), **compile_changes}
@@ -169,3 +169,44 @@ def test_the_engine_logs_where_its_start_went(tiny_settings, monkeypatch, caplog
     phases = json.loads(line.split(": ", 1)[1])
     assert phases["load"] > 0 and phases["warmup"] > 0
     assert phases["steps"]["transformer_cuda_graphs"] > 0  # its check runs the engine thrice
+
+
+def test_every_mode_with_adapters_composes_with_the_new_variants(tiny_settings, monkeypatch,
+                                                                 tmp_path):
+    """Transformer graphs, static VAE code and the text encoder stack on, with LoRA adapters and
+    a ControlNet: every mode replays at a small size and draws the image of the same server
+    with all three off."""
+    from PIL import Image
+
+    from zimage_backend import random_adapters
+    from zimage_backend.random_models import build_tiny_pipeline
+    from zimage_backend.settings import AdapterSettings, ControlNetSettings
+
+    Variants(monkeypatch)
+    shapes = random_adapters.module_shapes(build_tiny_pipeline(0).transformer)
+    path = random_adapters.write(tmp_path / "a.safetensors",
+                                 random_adapters.factors(shapes, 2, seed=1), "diffusers")
+    settings = dataclasses.replace(
+        tiny_settings, controlnet=ControlNetSettings("tiny", None, None),
+        adapters={"a": AdapterSettings(source=str(path), file=None, revision=None, scale=1.0)})
+    on = _engine(dataclasses.replace(settings, optimizations=dataclasses.replace(
+        settings.optimizations, text_encoder_stack=True)), monkeypatch,
+        graph_max_pixels=64 * 64)
+    off = _engine(settings, monkeypatch, cuda_graphs=("text_encoder",), static_shapes=())
+    for switch in ("transformer_cuda_graphs", "static_shapes", "text_encoder_stack"):
+        assert on.report.status(switch) == "applied", on.report.as_dict()[switch]
+    gray = Image.new("RGB", (64, 64), (120, 130, 140))
+    mask = Image.new("L", (64, 64), 255)
+    base = dataclasses.replace(_request(on, 64), loras=(("a", 0.8),))
+    modes = {"text_to_image": {}, "image_to_image": {"image": gray, "strength": 0.6},
+             "inpaint": {"image": gray, "mask": mask, "strength": 1.0},
+             "controlnet": {"control_image": gray, "control_scale": 0.7},
+             "controlnet_inpaint": {"image": gray, "mask": mask, "control_image": gray,
+                                    "control_scale": 0.7}}
+    for mode, fields in modes.items():
+        request = dataclasses.replace(base, **fields)
+        assert request.mode == mode
+        served, plain = on.run([request]), off.run([request])
+        assert served.cuda_graphs and not plain.cuda_graphs, mode
+        assert all((a == b).all() for a, b in zip(served.pixels, plain.pixels)), mode
+    assert {key[4] for key in on.graph_pool.memory} >= set(modes)
