@@ -38,10 +38,7 @@ def child(case: str, folder: str) -> dict:
     from zimage_backend.settings import load_settings
 
     if case == "built":
-        pipe = random_models.build_tiny_pipeline(seed=0)
-        for part in pipe.components.values():
-            if isinstance(part, torch.nn.Module):
-                part.eval().requires_grad_(False)
+        pipe = random_models.freeze_weights(random_models.build_tiny_pipeline(seed=0))
     elif case == "loaded":
         settings = load_settings(ROOT / "config.yaml")
         settings = dataclasses.replace(settings, model=dataclasses.replace(

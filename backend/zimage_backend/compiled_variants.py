@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
+
 import torch
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class GraphPool:
             yield False
             return
         new = key not in self.memory
-        before = self._reserved()
+        before = self._reserved() if new else 0
         self.active = True
         try:
             yield True

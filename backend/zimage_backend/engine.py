@@ -77,14 +77,9 @@ def load_pipeline(settings: Settings, device: torch.device, dtype: torch.dtype):
             model.demo_dir, model.seed_for_random_weights)), None
     else:
         source, revision = model.source, model.revision
-    pipe = ZImagePipeline.from_pretrained(source, revision=revision, dtype=dtype)
-    # As the dummy format builds its modules: parameters that require grad are another input
-    # to compiled code, so a compile cache written by a dummy run missed for loaded weights
-    # (bench/results/2026-12-01-cpu-compile-cache/NOTES.md).
-    for part in pipe.components.values():
-        if isinstance(part, torch.nn.Module):
-            part.eval().requires_grad_(False)
-    return pipe
+    # As the dummy format builds its models: a compile cache one wrote serves the other.
+    return random_models.freeze_weights(
+        ZImagePipeline.from_pretrained(source, revision=revision, dtype=dtype))
 
 
 def _freeze_property(obj, name: str, value) -> None:

@@ -22,7 +22,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from . import adapters, compiled_variants, float8, fusion
 from .settings import Optimizations, Settings
-from .text_stack import TextStack
+from .text_stack import TextStack, decoder_model
 
 log = logging.getLogger(__name__)
 
@@ -423,9 +423,7 @@ def _compiled_modules(ctx: Context) -> list[tuple[str, torch.nn.Module]]:
         elif module == "text_encoder" and ctx.text_stack is not None:
             out.append((module, ctx.text_stack))  # one graph for the stack
         elif module == "text_encoder" and ctx.opts.memory_mode == "performance":
-            encoder = pipe.text_encoder
-            layers = encoder.layers if hasattr(encoder, "layers") else encoder.model.layers
-            out += [(module, layer) for layer in layers]
+            out += [(module, layer) for layer in decoder_model(pipe.text_encoder).layers]
     return out
 
 

@@ -156,10 +156,20 @@ def build_dummy_pipeline(device: torch.device, dtype: torch.dtype, seed: int = 0
         text_encoder = Qwen3Model(Qwen3Config(**architecture_config("text_encoder")))
         transformer = ZImageTransformer2DModel(**architecture_config("transformer"))
         vae = AutoencoderKL(**architecture_config("vae"))
-    for module in (text_encoder, transformer, vae):
-        module.eval().requires_grad_(False)
-    return ZImagePipeline(scheduler=_scheduler(), vae=vae, text_encoder=text_encoder,
-                          tokenizer=dummy_tokenizer(), transformer=transformer)
+    return freeze_weights(ZImagePipeline(scheduler=_scheduler(), vae=vae,
+                                         text_encoder=text_encoder, tokenizer=dummy_tokenizer(),
+                                         transformer=transformer))
+
+
+def freeze_weights(pipe):
+    """Every model of `pipe` in eval mode with no parameter requiring grad. Parameters that
+    require grad are another input to compiled code: a compile cache written by a dummy run
+    missed for the same weights loaded from a folder until loading froze them too
+    (bench/results/2026-12-01-cpu-compile-cache/NOTES.md)."""
+    for part in pipe.components.values():
+        if isinstance(part, torch.nn.Module):
+            part.eval().requires_grad_(False)
+    return pipe
 
 
 def _controlnet_config(tiny: bool) -> dict[str, Any]:

@@ -22,10 +22,16 @@ from torch import nn
 _CAPTURING_HOOK = "output_capturing_hook"
 
 
+def decoder_model(encoder: nn.Module) -> nn.Module:
+    """The module holding the decoder layers: the encoder itself (Qwen3Model), or its `.model`
+    (a causal-LM wrapper)."""
+    return encoder.model if hasattr(encoder, "model") else encoder
+
+
 class TextStack(nn.Module):
     def __init__(self, encoder: nn.Module):
         super().__init__()
-        model = encoder.model if hasattr(encoder, "model") else encoder
+        model = decoder_model(encoder)
         # The modules are shared with the text encoder, not copied.
         self.embed_tokens, self.rotary_emb = model.embed_tokens, model.rotary_emb
         self.layers = nn.ModuleList(list(model.layers)[:-1])
@@ -59,7 +65,6 @@ class TextStack(nn.Module):
                     module._forward_hooks_with_kwargs.pop(key, None)
                     module._forward_hooks_always_called.pop(key, None)
                     removed += 1
-        model = encoder.model if hasattr(encoder, "model") else encoder
         # transformers installs them on the first forward that finds this unset.
-        model._output_capturing_hooks_installed = True
+        decoder_model(encoder)._output_capturing_hooks_installed = True
         return removed
